@@ -1,0 +1,80 @@
+"""Artifacts: a stage's output directory, written atomically and cached by a key.
+
+    <run_dir>/<stage>/model/       HF checkpoint (save_pretrained, safetensors) + tokenizer
+    <run_dir>/<stage>/result.json  sidecar: stage, key, config, metrics, FLOPs, seed, timing, versions
+
+A stage is built in `<stage>.partial/` and renamed into place only when complete, so a
+killed run never leaves a half-written artifact; the resume point of an interrupted
+stage lives in `<stage>.resume/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import __version__
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {"undo": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+
+
+class Artifact:
+    def __init__(self, run_dir: Path, stage: str):
+        self.dir = Path(run_dir) / stage
+        self.stage = stage
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / "model"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.dir.with_name(self.dir.name + ".partial")
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.dir.with_name(self.dir.name + ".resume")
+
+    def result(self) -> Optional[dict[str, Any]]:
+        path = self.dir / "result.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def is_done(self, key: str) -> bool:
+        result = self.result()
+        return result is not None and result.get("key") == key
+
+    def write(self, key: str, sidecar: dict[str, Any], model: Optional[PreTrainedModel] = None,
+              tokenizer: Optional[PreTrainedTokenizerBase] = None, extra_files: Optional[dict[str, str]] = None) -> None:
+        """Write the whole artifact to `<stage>.partial` and move it into place in one rename."""
+        tmp = self.partial_dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if model is not None:
+            model.save_pretrained(str(tmp / "model"), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "model"))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        body = {"stage": self.stage, "key": key, **sidecar, "versions": versions(), "argv": sys.argv}
+        (tmp / "result.json").write_text(json.dumps(body, indent=2, default=str))
+        old = self.dir.with_name(self.dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.resume_dir, ignore_errors=True)

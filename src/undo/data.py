@@ -1,0 +1,130 @@
+"""From examples to batches: tokenize, mask, pack into fixed-length rows, and stream.
+
+A row is `input_ids`, `attention_mask` and `labels` (-100 where no loss falls: padding,
+BOS, and prompts when the loss is on completions only). Whole examples are packed
+greedily into rows of `seq_len` tokens (no padding waste; text longer than a row is cut
+into row-sized chunks). A `BatchStream` gives the batch of any step as a pure function
+of (seed, step), so resuming at step k reproduces exactly the batches an uninterrupted
+run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .errors import UndoError
+from .tasks.base import Example
+from .tokenization import encode
+
+IGNORE = -100
+
+
+def tokenize_example(tok: PreTrainedTokenizerBase, ex: Example, loss_on: Literal["completion", "all"]) -> tuple[list[int], list[bool]]:
+    """[BOS] prompt completion [EOS] with a loss mask (BOS never carries loss)."""
+    prompt = encode(tok, ex.prompt) if ex.prompt else []
+    completion = encode(tok, ex.completion)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = bos + prompt + completion
+    n_unscored = len(bos) if loss_on == "all" else len(bos) + len(prompt)
+    mask = [False] * n_unscored + [True] * (len(ids) - n_unscored)
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+        mask.append(True)
+    return ids, mask
+
+
+def pack(sequences: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack (ids, mask) sequences into rows of `seq_len`, in order, never splitting a
+    sequence that fits in a row."""
+    if seq_len < 2:
+        raise UndoError(f"seq_len {seq_len} is too small; use at least 2")
+    rows: list[tuple[list[int], list[bool]]] = []
+    cur_ids: list[int] = []
+    cur_mask: list[bool] = []
+    for ids, mask in sequences:
+        chunks = [(ids, mask)] if len(ids) <= seq_len else [
+            (ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)
+        ]
+        for c_ids, c_mask in chunks:
+            if len(cur_ids) + len(c_ids) > seq_len:
+                rows.append((cur_ids, cur_mask))
+                cur_ids, cur_mask = [], []
+            cur_ids = cur_ids + c_ids
+            cur_mask = cur_mask + c_mask
+    if cur_ids:
+        rows.append((cur_ids, cur_mask))
+    if not rows:
+        raise UndoError("no training data: the task produced no examples for this stage")
+    n = len(rows)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, seq_len), dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[i, : len(ids)] = t
+        attention[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.where(torch.tensor(mask), t, torch.tensor(IGNORE))
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pack_examples(tok: PreTrainedTokenizerBase, examples: Sequence[Example], seq_len: int,
+                  loss_on: Literal["completion", "all"]) -> dict[str, torch.Tensor]:
+    return pack([tokenize_example(tok, ex, loss_on) for ex in examples], seq_len, tok.pad_token_id)
+
+
+def pad_batch(tok: PreTrainedTokenizerBase, examples: Sequence[Example], loss_on: Literal["completion", "all"],
+              max_len: int | None = None) -> dict[str, torch.Tensor]:
+    """One example per row, right-padded (used where rows must align with examples,
+    e.g. sequence-level losses such as NPO or DPO)."""
+    seqs = [tokenize_example(tok, ex, loss_on) for ex in examples]
+    width = max(len(s[0]) for s in seqs)
+    if max_len is not None:
+        width = min(width, max_len)
+    n = len(seqs)
+    input_ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for i, (ids, mask) in enumerate(seqs):
+        ids, mask = ids[:width], mask[:width]
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[i, : len(ids)] = t
+        attention[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.where(torch.tensor(mask), t, torch.tensor(IGNORE))
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class BatchStream:
+    """Batches of rows for any step, deterministically: epoch e uses permutation(seed, e)."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int):
+        self.rows = rows
+        self.n = rows["input_ids"].shape[0]
+        if self.n == 0:
+            raise UndoError("a data stream has no rows; the task produced no examples")
+        self.batch_size = batch_size
+        self.seed = seed
+        self._perm_cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_cache = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perm_cache[epoch]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        start = step * self.batch_size
+        idx = []
+        while len(idx) < self.batch_size:
+            epoch, offset = divmod(start + len(idx), self.n)
+            take = min(self.batch_size - len(idx), self.n - offset)
+            idx.extend(self._perm(epoch)[offset:offset + take].tolist())
+        index = torch.tensor(idx)
+        return {k: v[index] for k, v in self.rows.items()}
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.rows["input_ids"].shape[1]

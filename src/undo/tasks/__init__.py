@@ -1,0 +1,52 @@
+"""Task registry: name -> Task class. A task's options are validated by its `Options` dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from ..config import from_dict
+from ..errors import UndoError
+from .base import Example, Task
+
+_REGISTRY: dict[str, str] = {
+    # name -> "module:Class", imported lazily so a task's optional deps load only when used
+    "arithmetic": "undo.tasks.arithmetic:ArithmeticTask",
+    "language": "undo.tasks.language:LanguageTask",
+    "wmdp": "undo.tasks.wmdp:WMDPTask",
+}
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        task_class(self.name)
+        from_dict(task_class(self.name).Options, self.options, f"{where}.options")
+
+
+def known_tasks() -> list[str]:
+    return list(_REGISTRY)
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in _REGISTRY:
+        raise UndoError(f"unknown task '{name}'; known tasks: {', '.join(_REGISTRY)}")
+    import importlib
+
+    module, cls = _REGISTRY[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ModuleNotFoundError as e:
+        raise UndoError(f"task '{name}' is not available in this install ({e})") from None
+
+
+def build_task(cfg: TaskConfig, seed: int) -> Task:
+    cls = task_class(cfg.name)
+    options = from_dict(cls.Options, cfg.options, "task.options")
+    return cls(options, seed)
+
+
+__all__ = ["Example", "Task", "TaskConfig", "build_task", "known_tasks", "task_class"]

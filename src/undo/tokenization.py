@@ -1,0 +1,81 @@
+"""Tokenizers: train a small one on a task's text, or load any HF tokenizer from a directory.
+
+Trained tokenizers are real `PreTrainedTokenizerFast` objects, saved next to every
+checkpoint, so `AutoTokenizer.from_pretrained(checkpoint)` is all anyone needs.
+Digits are always split one per token: arithmetic is learnable digit by digit and the
+same number is tokenized the same way wherever it appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .errors import UndoError
+
+SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a tokenizer on `texts`.
+
+    char: one token per character seen (plus <unk> for unseen ones); exact round trip.
+    bpe:  byte-level BPE of `vocab_size` with single-digit tokens; encodes any text.
+    """
+    texts = list(texts)
+    if not texts or not any(t for t in texts):
+        raise UndoError("cannot train a tokenizer on empty text; check the task's corpus")
+    specials = list(SPECIALS.values())
+    if kind == "char":
+        alphabet = sorted(set("".join(texts)))
+        vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        # Each character is its own pre-token, so no merge can ever apply.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+    else:
+        raise UndoError(f"unknown tokenizer kind '{kind}'; use 'char' or 'bpe'")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    if not path.exists():
+        raise UndoError(f"tokenizer path {path} does not exist; pass a directory with tokenizer files")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises many types here
+        raise UndoError(f"{path}: cannot load a tokenizer ({type(e).__name__}); the directory needs tokenizer.json or tokenizer_config.json") from None
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Many real tokenizers (Llama, GPT-2) have no pad token: reuse EOS, which is never
+    trained on when padding because padding positions are masked everywhere."""
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise UndoError("tokenizer has neither a pad nor an eos token; add a pad token to it")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens (we add BOS/EOS ourselves, uniformly)."""
+    return tok(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,278 @@
+"""The one training loop. Pretraining, every unlearning method, distillation and the
+relearning attack all run through `train()`.
+
+What a caller supplies: the model, a `loss_fn(model, batches) -> LossOutput`, named
+`BatchStream`s (e.g. {"forget": ..., "retain": ...}) and a `TrainConfig`. The loop does
+AdamW (or SGD), warmup + constant/cosine/linear schedule, gradient accumulation and
+clipping, bf16 autocast on GPU, Hugging Face `accelerate` underneath (so DDP/FSDP are
+the same code), periodic evaluation with an early-stop rule, exact checkpoint/resume
+(model, optimizer, scheduler, RNG, step), a progress bar and a FLOP count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .data import BatchStream
+from .errors import UndoError
+from .metrics import masked_ce
+from .models import non_embedding_params
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64          # rows per optimizer step (all streams use it unless a method says otherwise)
+    seq_len: int = 128
+    lr: float = 1e-3
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_ratio: float = 0.1     # cosine/linear decay ends at lr * min_lr_ratio
+    warmup_steps: int = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0        # 0 disables clipping
+    grad_accum: int = 1           # micro-batches per step (batch_size must divide evenly)
+    eval_every: int = 0           # 0: evaluate only at the end
+    checkpoint_every: int = 100   # resume points (0: none)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.steps < 0:
+            raise UndoError(f"{where}.steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise UndoError(f"{where}: batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UndoError(f"{where}.lr must be a positive number, got {self.lr}")
+        if len(self.betas) != 2:
+            raise UndoError(f"{where}.betas needs two numbers, e.g. [0.9, 0.95]")
+
+
+@dataclasses.dataclass
+class LossOutput:
+    loss: torch.Tensor
+    logs: dict[str, float] = dataclasses.field(default_factory=dict)
+    extra_flops: float = 0.0      # forward passes of frozen models (teacher, reference): 2 x params x tokens
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, Batch]], LossOutput]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    flops: float
+    wall_seconds: float
+    history: list[dict[str, Any]]       # evaluations: {"step": k, **metrics}
+    stopped_early: bool
+    final_loss: float
+
+
+def lm_loss(model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
+    """Plain next-token cross-entropy on the scored tokens of every stream."""
+    losses = []
+    for batch in batches.values():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses.append(masked_ce(logits, batch["labels"]))
+    loss = torch.stack(losses).mean()
+    return LossOutput(loss, {"ce": loss.item()})
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if cfg.schedule == "cosine":
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - (1 - cfg.min_lr_ratio) * progress
+    return fn
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mp)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    streams: dict[str, BatchStream],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    resume_dir: Optional[Path] = None,
+    evaluate: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None,
+    should_stop: Optional[Callable[[dict[str, float]], bool]] = None,
+    params: Optional[list[torch.nn.Parameter]] = None,
+    desc: str = "train",
+    accelerator: Optional[Accelerator] = None,
+    step_hook: Optional[Callable[[torch.nn.Module, Any, Callable[[], LossOutput]], None]] = None,
+) -> TrainResult:
+    """Train `model` in place for `cfg.steps` steps (or until `should_stop`).
+
+    `params`: the parameters to optimise (default: all that require grad).
+    `resume_dir`: where resume points go; if one is there, training continues from it
+    and ends bitwise equal (on CPU) to an uninterrupted run.
+    `step_hook(model, optimizer, closure)`: replaces the plain backward for methods
+    that need several gradient evaluations per step (SAM); it must leave grads set.
+    """
+    seed_everything(seed)
+    acc = accelerator or make_accelerator(cfg)
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UndoError(f"{desc}: no trainable parameters; check the method's parameter selection")
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      foreach=True)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    forward_model = torch.compile(model) if cfg.compile else model
+
+    n_params = non_embedding_params(acc.unwrap_model(model))
+    start_step, tokens, flops, extra_flops, history, elapsed = 0, 0, 0.0, 0.0, [], 0.0
+    if resume_dir is not None and (resume_dir / "state.json").exists():
+        state = json.loads((resume_dir / "state.json").read_text())
+        acc.load_state(str(resume_dir / "accelerate"))
+        _set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
+        start_step, tokens, flops, history, elapsed = (state["step"], state["tokens"], state["flops"],
+                                                       state["history"], state["elapsed"])
+
+    def save_resume_point(step: int) -> None:
+        if resume_dir is None:
+            return
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = resume_dir.with_name(resume_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            acc.save_state(str(tmp / "accelerate"), safe_serialization=False)
+            torch.save(_rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "flops": flops,
+                                                        "history": history, "elapsed": elapsed + time.time() - t0}))
+            old = resume_dir.with_name(resume_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if resume_dir.exists():
+                os.replace(resume_dir, old)
+            os.replace(tmp, resume_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def run_eval(step: int) -> Optional[dict[str, float]]:
+        if evaluate is None:
+            return None
+        metrics = evaluate(acc.unwrap_model(model))
+        history.append({"step": step, **metrics})
+        return metrics
+
+    rank, world = acc.process_index, acc.num_processes
+    micro = cfg.batch_size // cfg.grad_accum
+
+    def micro_batches(step: int, k: int) -> dict[str, Batch]:
+        out = {}
+        for name, stream in streams.items():
+            full = stream.batch(step)
+            rows = {key: v[k * micro:(k + 1) * micro] for key, v in full.items()}
+            if world > 1:  # each process takes its share of the global batch
+                rows = {key: v[rank::world] for key, v in rows.items()}
+            out[name] = {key: v.to(acc.device) for key, v in rows.items()}
+        return out
+
+    t0 = time.time()
+    stopped_early, last_loss = False, float("nan")
+    if start_step == 0 and evaluate is not None and cfg.eval_every:
+        metrics = run_eval(0)
+        if should_stop is not None and metrics is not None and should_stop(metrics):
+            stopped_early = True
+    step = start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, leave=False, mininterval=1.0,
+               disable=not acc.is_main_process or os.environ.get("UNDO_NO_PROGRESS") == "1")
+    model.train()
+    while step < cfg.steps and not stopped_early:
+        logs: dict[str, float] = {}
+        for k in range(cfg.grad_accum):
+            batches = micro_batches(step, k)
+            ctx = acc.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                if step_hook is not None:
+                    out = step_hook(forward_model, optimizer, lambda b=batches: loss_fn(forward_model, b))
+                else:
+                    out = loss_fn(forward_model, batches)
+                    acc.backward(out.loss / cfg.grad_accum)
+            loss_value = out.loss.item()
+            if not math.isfinite(loss_value):
+                raise UndoError(f"{desc}: loss became {loss_value} at step {step}; lower the learning rate "
+                                f"(now {cfg.lr:g}) or the number of steps. Nothing was saved from this run.")
+            logs = {key: logs.get(key, 0.0) + v / cfg.grad_accum for key, v in out.logs.items()}
+            last_loss = loss_value
+            step_tokens = sum(b["input_ids"].numel() for b in batches.values()) * world
+            tokens += step_tokens
+            flops += 6.0 * n_params * step_tokens + out.extra_flops * world
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in list(logs.items())[:3]}}, refresh=False)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics = run_eval(step)
+            if should_stop is not None and metrics is not None and should_stop(metrics):
+                stopped_early = True
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not stopped_early:
+            save_resume_point(step)
+    bar.close()
+    if evaluate is not None and (not history or history[-1]["step"] != step):
+        run_eval(step)
+    wall = elapsed + time.time() - t0
+    return TrainResult(steps=step, tokens=tokens, flops=flops, wall_seconds=wall, history=history,
+                       stopped_early=stopped_early, final_loss=last_loss)
