@@ -74,7 +74,7 @@ def pretrain_stage(exp: ExperimentConfig, run_dir: Path, which: Literal["base", 
 
 
 def format_scores(metrics: dict[str, float]) -> str:
-    keys = [k for k in metrics if k.endswith("/acc")] or [k for k in metrics if k.endswith("_score")]
+    keys = [k for k in metrics if k.endswith("/acc")] or [k for k in metrics if k.startswith(("forget_", "retain_"))]
     return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys)
 
 

@@ -151,5 +151,4 @@ class ArithmeticTask(Task):
             metrics[f"{domain}_acc"] = sum(per_domain[domain]) / len(per_domain[domain])
             if ce_domain[domain]:
                 metrics[f"{domain}_ce"] = sum(ce_domain[domain]) / len(ce_domain[domain])
-            metrics[f"{domain}_score"] = metrics[f"{domain}_acc"]
         return metrics

@@ -5,8 +5,9 @@ A task turns its options into
   loss falls on the completion, or on everything for plain text),
 - a tokenizer corpus, and
 - `evaluate(model, tokenizer)` -> a flat dict of metrics, including the two headline
-  numbers every stage and report uses: `forget_score` and `retain_score` (higher = the
-  model has more of that capability, e.g. exact-match accuracy, or -CE for text).
+  numbers every stage and report uses, named by `forget_metric` and `retain_metric`
+  (e.g. "forget_acc"/"retain_acc" for arithmetic, "forget_ce"/"retain_ce" for text);
+  `higher_is_better` says how to read them (accuracy: True, cross-entropy: False).
 New tasks (privacy canaries, fictitious facts, toxicity, bias pairs) implement the same
 few methods; extra data a method needs (e.g. "I don't know" answers, sensitive spans)
 comes from optional methods a method asks for by name.
@@ -33,8 +34,11 @@ class Task:
 
     name: ClassVar[str]
     Options: ClassVar[type]
-    # Which metric the report calls forget/retain performance, and how to read it.
-    score_label: ClassVar[str] = "accuracy"
+    # The headline metrics (keys of `evaluate`'s dict) and how to read them.
+    forget_metric: ClassVar[str] = "forget_acc"
+    retain_metric: ClassVar[str] = "retain_acc"
+    higher_is_better: ClassVar[bool] = True
+    metric_label: ClassVar[str] = "exact-match accuracy"
 
     def __init__(self, options: Any, seed: int):
         self.options = options
