@@ -18,6 +18,7 @@ from .errors import UndoError
 
 COMMAND_MODULES = [
     "undo.cli",
+    "undo.methods.cli",
 ]
 
 
@@ -73,7 +74,140 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .experiment import load_experiment
+    from .pipeline import run_experiment
+
+    exp = load_experiment(args.config, args.overrides)
+    run_experiment(exp, run_dir_for(args, exp.name))
+    return 0
+
+
+def cmd_noise(args: argparse.Namespace) -> int:
+    from .artifacts import Artifact
+    from .models import load_model
+    from .undo import noise_
+
+    out = Path(args.out)
+    if out.exists():
+        raise UndoError(f"{out} already exists; choose a new --out directory")
+    model, tok = load_model(args.model)
+    noise_(model, args.alpha, args.beta, args.seed)
+    art = Artifact(out.parent, out.name)
+    art.write("noise", {"source": args.model, "alpha": args.alpha, "beta": args.beta, "seed": args.seed},
+              model=model, tokenizer=tok)
+    print(f"noised model: {art.model_dir}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .artifacts import Artifact
+    from .experiment import load_experiment
+    from .undo import distill_stage
+
+    exp = load_experiment(args.config, args.overrides)
+    teacher = external_artifact(args.teacher)
+    student_art = external_artifact(args.student_model) if args.student_model else None
+    student = "model" if student_art else ("random" if args.alpha is None else "noised")
+    name = args.name or ("unlearn_distill" if student == "random" else f"undo_a{args.alpha:g}")
+    art = distill_stage(exp, run_dir_for(args, exp.name), name, teacher, student, exp.undo,
+                        alpha=args.alpha or 0.0, student_art=student_art)
+    print(f"distilled model: {art.model_dir}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .attacks.relearn import relearn_attack
+    from .experiment import load_experiment
+    from .store import worst_case_curve
+    from .tasks import build_task
+
+    exp = load_experiment(args.config, args.overrides)
+    task = build_task(exp.task, exp.seed)
+    target = external_artifact(args.model)
+    name = args.name or Path(args.model).resolve().parent.name
+    curves = relearn_attack(exp, run_dir_for(args, exp.name), name, target, exp.attack)
+    points = [{"lr": lr, "step": p["step"], "metrics": p} for lr, curve in curves.items() for p in curve]
+    print(f"worst case over learning rates of {task.forget_metric} ({name}):")
+    for step, value, lr in worst_case_curve(points, task.forget_metric, task.higher_is_better):
+        print(f"  step {step:4d}  {value:.4f}  (lr {lr:g})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import summary_text, write_report
+    from .store import ResultStore
+
+    run_dir = Path(args.run_dir)
+    db, info = run_dir / "results.sqlite", run_dir / "task.json"
+    if not db.exists() or not info.exists():
+        raise UndoError(f"{run_dir} has no finished run (results.sqlite and task.json); run `undo run` first")
+    store = ResultStore(db)
+    task = json.loads(info.read_text())
+    path = write_report(run_dir, store, task)
+    print(summary_text(store, task))
+    print(f"report: {path}")
+    return 0
+
+
+def external_artifact(model_dir: str):
+    """An Artifact for a checkpoint directory given on the command line (`.../<stage>/model`
+    of a run, or any HF model directory)."""
+    from .artifacts import Artifact
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise UndoError(f"{path} is not a model directory (no config.json); give a checkpoint such as runs/<name>/base/model")
+    if path.name == "model" and (path.parent / "result.json").exists():
+        return Artifact(path.parent.parent, path.parent.name)
+    return _DirArtifact(path)
+
+
+class _DirArtifact:
+    """A plain HF directory used as a stage input: its cache key is its path and mtime."""
+
+    def __init__(self, path: Path):
+        self.model_dir = path
+        self.stage = path.name
+
+    def result(self):
+        return {"key": f"{self.model_dir.resolve()}@{(self.model_dir / 'config.json').stat().st_mtime}"}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a whole experiment: pretrain, unlearn, UNDO, attack, report")
+    add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("noise", help="write a noised copy of a checkpoint (UNDO's noise step)")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--alpha", type=float, required=True, help="interpolation weight toward noise, in [0, 1]")
+    p.add_argument("--beta", type=float, default=0.1, help="noise scale (paper: 0.1 synthetic, 0 for WMDP)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="new directory for the noised checkpoint")
+    p.set_defaults(func=cmd_noise)
+
+    p = sub.add_parser("distill", help="distill a teacher's outputs into a noised copy (UNDO), a random "
+                                       "student, or a given model")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint directory")
+    p.add_argument("--alpha", type=float, default=None, help="UNDO: noise the teacher with this alpha "
+                                                              "(omit for a randomly initialised student)")
+    p.add_argument("--student-model", default=None, help="distill into this checkpoint instead")
+    p.add_argument("--name", default=None, help="artifact name inside the run directory")
+    add_config_args(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("attack", help="attacks on a model (relearn: finetune on forget data, lr sweep)")
+    p.add_argument("kind", choices=["relearn"], help="the attack")
+    p.add_argument("--model", required=True, help="checkpoint directory to attack")
+    p.add_argument("--name", default=None, help="label for the results (default: the checkpoint's stage name)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("report", help="write the HTML report of a finished run")
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("presets", help="list experiment and model presets")
     p.set_defaults(func=cmd_presets)
 

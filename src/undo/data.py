@@ -97,22 +97,49 @@ def pad_batch(tok: PreTrainedTokenizerBase, examples: Sequence[Example], loss_on
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-class BatchStream:
-    """Batches of rows for any step, deterministically: epoch e uses permutation(seed, e)."""
+def task_rows(tok: PreTrainedTokenizerBase, task, examples: Sequence[Example], seq_len: int,
+              loss_on: Literal["completion", "all"] | None = None) -> dict[str, torch.Tensor]:
+    """Rows for training on a task's examples, in the task's row format."""
+    loss_on = loss_on or task.loss_on()
+    if task.row_format() == "padded":
+        return pad_batch(tok, examples, loss_on, max_len=seq_len)
+    return pack_examples(tok, examples, seq_len, loss_on)
 
-    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int):
+
+class BatchStream:
+    """Batches of rows for any step, deterministically: epoch e uses an order drawn from
+    (seed, e). With `bucket`, rows of similar length share a batch (less padding): the
+    epoch's shuffled order is cut into windows of 16 batches, each window sorted by length,
+    and the batches of a window shuffled again."""
+
+    BUCKET_WINDOW = 16
+
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, bucket: bool = False):
         self.rows = rows
         self.n = rows["input_ids"].shape[0]
         if self.n == 0:
             raise UndoError("a data stream has no rows; the task produced no examples")
         self.batch_size = batch_size
         self.seed = seed
+        self.bucket = bucket
+        self.lengths = rows["attention_mask"].sum(1)
         self._perm_cache: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perm_cache:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm_cache = {epoch: torch.randperm(self.n, generator=g)}
+            order = torch.randperm(self.n, generator=g)
+            if self.bucket:
+                window = self.batch_size * self.BUCKET_WINDOW
+                parts = []
+                for start in range(0, self.n, window):
+                    chunk = order[start:start + window]
+                    chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+                    batches = list(chunk.split(self.batch_size))
+                    shuffled = torch.randperm(len(batches), generator=g).tolist()
+                    parts.extend(batches[i] for i in shuffled)
+                order = torch.cat(parts)
+            self._perm_cache = {epoch: order}
         return self._perm_cache[epoch]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -123,7 +150,10 @@ class BatchStream:
             take = min(self.batch_size - len(idx), self.n - offset)
             idx.extend(self._perm(epoch)[offset:offset + take].tolist())
         index = torch.tensor(idx)
-        return {k: v[index] for k, v in self.rows.items()}
+        batch = {k: v[index] for k, v in self.rows.items()}
+        # Rows are right-padded: drop the columns that are padding in every row of this batch.
+        width = int(batch["attention_mask"].sum(1).max())
+        return {k: v[:, :width] for k, v in batch.items()}
 
     @property
     def tokens_per_batch(self) -> int:

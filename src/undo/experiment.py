@@ -12,6 +12,9 @@ from .errors import UndoError
 from .models import ModelConfig
 from .tasks import TaskConfig
 from .training import TrainConfig
+from .attacks.relearn import AttackConfig
+from .undo import UndoConfig
+from .methods.config import UnlearnConfig
 
 
 @dataclasses.dataclass
@@ -33,6 +36,9 @@ class ExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     pretrain: TrainConfig = dataclasses.field(default_factory=_pretrain_default)
+    unlearn: UnlearnConfig = dataclasses.field(default_factory=UnlearnConfig)
+    undo: UndoConfig = dataclasses.field(default_factory=UndoConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
 
 
 PRESET_PACKAGE = "undo.experiments"

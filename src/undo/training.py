@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 100   # resume points (0: none)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
     def validate(self, where: str) -> None:
         if self.steps < 0:
@@ -115,7 +116,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp)
+    # Several processes without a GPU (torchrun on CPU): accelerate forms a gloo process
+    # group only when told it is on CPU; otherwise each process would train alone.
+    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mp, cpu=cpu_group)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -131,6 +135,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def set_activation_checkpointing(model: torch.nn.Module, on: bool, desc: str) -> None:
+    """Gradient (activation) checkpointing of a HF model; transformers 5 renamed the methods."""
+    new_name, old_name = ("activation_checkpointing_enable", "gradient_checkpointing_enable") if on else \
+        ("activation_checkpointing_disable", "gradient_checkpointing_disable")
+    method = getattr(model, new_name, None) or getattr(model, old_name, None)
+    if method is None:
+        raise UndoError(f"{desc}: gradient_checkpointing needs a Hugging Face model; set it to false")
+    if on:  # non-reentrant checkpointing works with frozen inputs and under DDP
+        method({"use_reentrant": False})
+    else:
+        method()
 
 
 def seed_everything(seed: int) -> None:
@@ -174,6 +191,8 @@ def train(
     else:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(model, True, desc)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     forward_model = torch.compile(model) if cfg.compile else model
 
@@ -273,6 +292,8 @@ def train(
     bar.close()
     if evaluate is not None and (not history or history[-1]["step"] != step):
         run_eval(step)
+    if cfg.gradient_checkpointing:  # a setting of this run, not of the model it leaves behind
+        set_activation_checkpointing(acc.unwrap_model(model), False, desc)
     wall = elapsed + time.time() - t0
     return TrainResult(steps=step, tokens=tokens, flops=flops, wall_seconds=wall, history=history,
                        stopped_early=stopped_early, final_loss=last_loss)

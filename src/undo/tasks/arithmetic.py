@@ -23,6 +23,7 @@ from ..errors import UndoError
 from ..metrics import completion_ce, greedy_complete
 from . import arithmetic_templates as templates
 from .base import Domain, Example, Task
+from .language import LanguageOptions, LanguageTask, text_metrics
 
 Operation = Literal["addition", "subtraction", "multiplication", "division"]
 Format = Literal["equation", "word"]
@@ -40,7 +41,14 @@ class ArithmeticOptions:
     examples_per_operation: int = 6000  # training pool per operation (half equations, half words)
     eval_per_format: int = 100          # evaluation problems per operation and format
     quick_eval_per_format: int = 25     # subset used for early-stop checks
-    loss_on: Literal["completion", "all"] = "all"
+    loss_on: Literal["completion", "all"] = "completion"
+    # One problem per row: packed rows let a problem attend to the previous ones, which
+    # slows learning a lot for small models (measured: see the issue note).
+    row_format: Literal["padded", "packed"] = "padded"
+    # Share of training characters that is retain-language text (the paper's base model
+    # sees 75% English, 25% arithmetic: 0.75); 0 = arithmetic only. The text is retain data.
+    text_fraction: float = 0.0
+    text: LanguageOptions = dataclasses.field(default_factory=LanguageOptions)  # the language task's source
 
     def validate(self, where: str) -> None:
         both = set(self.forget) & set(self.retain)
@@ -52,6 +60,8 @@ class ArithmeticOptions:
             raise UndoError(f"{where}.formats: give at least one of equation, word")
         if min(self.retain_max_operand, self.forget_max_operand) < 2:
             raise UndoError(f"{where}: operand ranges must reach at least 2")
+        if not 0.0 <= self.text_fraction < 1.0:
+            raise UndoError(f"{where}.text_fraction must be in [0, 1), got {self.text_fraction}; the paper uses 0.75")
 
 
 def operand_pairs(op: str, max_operand: int) -> list[tuple[int, int]]:
@@ -88,6 +98,22 @@ class ArithmeticTask(Task):
         for i, op in enumerate(OPERATIONS):
             if op in options.forget or op in options.retain:
                 self._split(op, random.Random(seed * 7919 + i))
+        self._text_task = LanguageTask(options.text, seed) if options.text_fraction > 0 else None
+        self._text = self._text_examples() if self._text_task is not None else []
+
+    def _text_examples(self) -> list[Example]:
+        """Retain-language documents that make up `text_fraction` of all training characters
+        (cycling through the source when it is short, i.e. more epochs over the text)."""
+        arithmetic_chars = sum(len(ex.prompt) + len(ex.completion) for exs in self._train.values() for ex in exs)
+        wanted = self.options.text_fraction / (1 - self.options.text_fraction) * arithmetic_chars
+        docs = self._text_task.train_texts("retain")
+        text: list[Example] = []
+        chars = 0
+        while chars < wanted:
+            doc = docs[len(text) % len(docs)]
+            text.append(Example("", doc))
+            chars += len(doc)
+        return text
 
     def domain_of(self, op: str) -> Domain:
         return "forget" if op in self.options.forget else "retain"
@@ -118,7 +144,7 @@ class ArithmeticTask(Task):
 
     def train_examples(self, domain: Domain) -> list[Example]:
         ops = self.options.forget if domain == "forget" else self.options.retain
-        mixed = [ex for op in ops for ex in self._train[op]]
+        mixed = [ex for op in ops for ex in self._train[op]] + (self._text if domain == "retain" else [])
         random.Random(self.seed + (1 if domain == "forget" else 2)).shuffle(mixed)
         return mixed
 
@@ -130,6 +156,8 @@ class ArithmeticTask(Task):
         # Held-out templates' words may be unseen in training; the tokenizer must still
         # encode them (a trained byte-level BPE always can; char level sees them here).
         texts += [t.format(a=0, b=0) for op in templates.EVAL for t in templates.EVAL[op]]
+        if self._text_task is not None:
+            texts += self._text_task.train_texts("retain")
         return texts + [str(d) for d in range(10)]
 
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, quick: bool = False) -> dict[str, float]:
@@ -151,4 +179,8 @@ class ArithmeticTask(Task):
             metrics[f"{domain}_acc"] = sum(per_domain[domain]) / len(per_domain[domain])
             if ce_domain[domain]:
                 metrics[f"{domain}_ce"] = sum(ce_domain[domain]) / len(ce_domain[domain])
+        if self._text_task is not None and not quick:
+            o = self.options.text
+            metrics["text_ce"] = text_metrics(model, tokenizer, self._text_task.eval_texts("retain"), o.eval_seq_len,
+                                              o.eval_batch_size, where="retain-language evaluation text")["ce"]
         return metrics

@@ -56,3 +56,7 @@ class Task:
 
     def loss_on(self) -> Literal["completion", "all"]:
         return getattr(self.options, "loss_on", "all")
+
+    def row_format(self) -> Literal["packed", "padded"]:
+        """packed: whole examples concatenated into full rows (text); padded: one per row."""
+        return getattr(self.options, "row_format", "packed")

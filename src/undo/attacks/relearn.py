@@ -1,0 +1,86 @@
+"""The relearning attack: finetune a model on forget-domain data and watch the capability
+come back. Robustness is the worst case over learning rates: at each evaluation step, the
+best forget performance any learning rate has reached.
+
+The public code's arithmetic attack trained on add/sub (retain) data by mistake; here the
+attack data are the task's forget examples (optionally mixed with retain examples, as the
+paper does for arithmetic and WMDP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Literal
+
+from ..artifacts import Artifact
+from ..config import config_hash, to_dict
+from ..data import BatchStream, task_rows
+from ..errors import UndoError
+from ..models import load_model
+from ..tasks import build_task
+from ..training import TrainConfig, lm_loss, train
+
+
+@dataclasses.dataclass
+class AttackConfig:
+    lrs: list[float] = dataclasses.field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    steps: int = 60
+    eval_every: int = 10
+    batch_size: int = 16
+    seq_len: int = 128
+    data: Literal["forget", "mixed"] = "forget"
+    retain_fraction: float = 0.5        # share of retain examples when data = mixed
+    quick_eval: bool = True             # evaluate on the task's quick subset during the attack
+
+    def validate(self, where: str) -> None:
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise UndoError(f"{where}.lrs: give one or more positive learning rates")
+        if self.steps < 1 or self.eval_every < 1:
+            raise UndoError(f"{where}: steps and eval_every must be >= 1")
+        if not 0.0 <= self.retain_fraction < 1.0:
+            raise UndoError(f"{where}.retain_fraction must be in [0, 1)")
+
+    def train_config(self, lr: float) -> TrainConfig:
+        # AdamW, no weight decay, constant lr after one warmup step (the paper's attack).
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
+                           schedule="constant", warmup_steps=1, weight_decay=0.0, eval_every=self.eval_every,
+                           checkpoint_every=0)
+
+
+def attack_examples(task, cfg: AttackConfig, seed: int):
+    forget = task.train_examples("forget")
+    if cfg.data == "forget":
+        return forget
+    n_retain = int(len(forget) * cfg.retain_fraction / (1 - cfg.retain_fraction))
+    retain = task.train_examples("retain")[:n_retain]
+    mixed = forget + retain
+    random.Random(seed).shuffle(mixed)
+    return mixed
+
+
+def relearn_stage(exp, run_dir: Path, target_name: str, target: Artifact, cfg: AttackConfig, lr: float,
+                  say=print) -> Artifact:
+    """One learning rate of the relearning attack on one model: the curve of metrics vs step."""
+    art = Artifact(run_dir, f"attack/{target_name}/lr{lr:g}")
+    key = config_hash("relearn", (target.result() or {}).get("key"), to_dict(cfg), lr, exp.seed, exp.task)
+    if art.is_done(key):
+        return art
+    task = build_task(exp.task, exp.seed)
+    model, tok = load_model(target.model_dir)
+    rows = task_rows(tok, task, attack_examples(task, cfg, exp.seed), cfg.seq_len)
+    stream = BatchStream(rows, cfg.batch_size, seed=exp.seed + 11, bucket=task.row_format() == "padded")
+    result = train(model, lm_loss, {"train": stream}, cfg.train_config(lr), seed=exp.seed,
+                   evaluate=lambda m: task.evaluate(m, tok, quick=cfg.quick_eval), desc=f"attack {target_name} lr={lr:g}")
+    art.write(key, {"target": target_name, "lr": lr, "curve": result.history, "flops": result.flops,
+                    "wall_seconds": result.wall_seconds, "config": to_dict(cfg)})
+    return art
+
+
+def relearn_attack(exp, run_dir: Path, target_name: str, target: Artifact, cfg: AttackConfig, say=print) -> dict[float, list[dict]]:
+    """The whole learning-rate sweep on one model: {lr: [{"step": k, **metrics}, ...]}."""
+    curves = {}
+    for lr in cfg.lrs:
+        curves[lr] = relearn_stage(exp, run_dir, target_name, target, cfg, lr, say).result()["curve"]
+    return curves

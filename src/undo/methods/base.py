@@ -1,0 +1,162 @@
+"""The method interface and registry.
+
+A method is a small class: a `name`, a one-line `description`, an `Options` dataclass
+of hyperparameters (reference defaults; `task_defaults[task]` overrides them where the
+paper used other values for a task), `train_defaults` (TrainConfig fields: steps, lr,
+...), what it `needs()` (a subset of NEEDS), and `loss(model, batches)`. The unlearn
+stage (stage.py) does everything else: it loads frozen models only when `needs()` names
+them and hands them over with `attach`, builds the data streams, and runs the one
+training loop with `loss` as its loss function.
+
+Batches are {"forget": batch, "retain": batch, "idk": batch}, each a dict of
+input_ids / attention_mask / labels (labels = -100 where no loss falls), packed (many
+examples per row) unless the method sets `row_format = "padded"` (one example per row,
+for sequence-level losses such as NPO and DPO). Frozen models run under no_grad and
+their forward passes are reported as `extra_flops` (2 x params x tokens).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, ClassVar, Literal, Optional
+
+import torch
+from transformers import PreTrainedModel
+
+from ..config import from_dict
+from ..errors import UndoError
+from ..losses import forward_kl, scored_positions
+from ..metrics import masked_ce
+from ..models import non_embedding_params
+from ..training import LossOutput
+
+Batch = dict[str, torch.Tensor]
+NEEDS = ("forget", "retain", "reference", "teacher", "idk")
+FROZEN = ("reference", "teacher")  # needs that are models, not data
+RowFormat = Literal["packed", "padded"]
+RetainLoss = Literal["nll", "kl"]
+
+# name -> "module:Class", imported when used. Adding a method: one file + one line here.
+_REGISTRY: dict[str, str] = {
+    "grad_ascent": "undo.methods.grad_ascent:GradAscent",
+    "graddiff": "undo.methods.graddiff:GradDiff",
+    "maxent": "undo.methods.maxent:MaxEnt",
+    "rmu": "undo.methods.rmu:RMU",
+    "npo": "undo.methods.npo:NPO",
+    "simnpo": "undo.methods.simnpo:SimNPO",
+    "idkdpo": "undo.methods.idkdpo:IdkDPO",
+    "undial": "undo.methods.undial:UNDIAL",
+    "sam": "undo.methods.sam:SAM",
+    "repnoise": "undo.methods.repnoise:RepNoise",
+    "oracle_matching": "undo.methods.oracle_matching:OracleMatching",
+}
+
+
+class Method:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type]
+    task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    row_format: ClassVar[RowFormat] = "packed"
+
+    def __init__(self, options: Any, task: Optional[str] = None, seed: int = 0):
+        self.options = options
+        self.task = task
+        self.seed = seed
+        self.reference: Optional[PreTrainedModel] = None
+        self.teacher: Optional[PreTrainedModel] = None
+
+    def needs(self) -> frozenset[str]:
+        """What the stage must supply (data streams and frozen models); may depend on options."""
+        return frozenset({"forget"})
+
+    def attach(self, reference: Optional[PreTrainedModel] = None, teacher: Optional[PreTrainedModel] = None) -> None:
+        """Receive the frozen models named by `needs()`, and only those."""
+        for what, model in (("reference", reference), ("teacher", teacher)):
+            if (model is not None) != (what in self.needs()):
+                state = "needs" if model is None else "does not use"
+                raise UndoError(f"method '{self.name}' {state} a {what} model; "
+                                f"the stage must pass exactly what needs() names")
+        self.reference, self.teacher = reference, teacher
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        """Check options against the model (e.g. layer indices) before training."""
+
+    def trainable_parameters(self, model: PreTrainedModel) -> list[torch.nn.Parameter]:
+        return list(model.parameters())
+
+    def step_hook(self) -> Optional[Callable]:
+        """A `train(step_hook=...)` replacement for the plain backward (SAM); None: plain."""
+        return None
+
+    def loss(self, model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- registry
+
+def known_methods() -> list[str]:
+    return list(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UndoError(f"unknown method '{name}'{hint}; known: {', '.join(_REGISTRY)} (see `undo methods`)")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def resolve_options(name: str, options: Optional[dict[str, Any]] = None, task: Optional[str] = None) -> Any:
+    """The method's Options: class defaults < the task's defaults < `options`; validated."""
+    cls = method_class(name)
+    merged = {**cls.task_defaults.get(task or "", {}), **(options or {})}
+    return from_dict(cls.Options, merged, f"method '{name}' options")
+
+
+def build_method(name: str, options: Optional[dict[str, Any]] = None, task: Optional[str] = None,
+                 seed: int = 0) -> Method:
+    return method_class(name)(resolve_options(name, options, task), task=task, seed=seed)
+
+
+# ---------------------------------------------------------------- helpers shared by methods
+
+def logits_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def frozen_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, float]:
+    """Logits of a frozen model (no graph) and the FLOPs of that forward pass."""
+    with torch.no_grad():
+        logits = logits_of(model, batch)
+    return logits, 2.0 * non_embedding_params(model) * batch["input_ids"].numel()
+
+
+def retain_term(kind: RetainLoss, model: torch.nn.Module, batch: Batch,
+                reference: Optional[PreTrainedModel]) -> tuple[torch.Tensor, dict[str, float], float]:
+    """The retain loss most methods add: "nll" = CE on retain data; "kl" = KL(p_ref || p)
+    on the retain batch's scored positions (needs the reference). One forward per model.
+    Returns (loss, logs, extra_flops)."""
+    logits = logits_of(model, batch)
+    ce = masked_ce(logits, batch["labels"])
+    if kind == "nll":
+        return ce, {"retain_ce": ce.item()}, 0.0
+    assert reference is not None, "retain_loss='kl' needs the reference model (needs() says so)"
+    ref_logits, flops = frozen_logits(reference, batch)
+    kl = forward_kl(ref_logits, logits, scored_positions(batch["labels"]))
+    return kl, {"retain_kl": kl.item(), "retain_ce": ce.item()}, flops
+
+
+def retain_needs(kind: RetainLoss, weight: float) -> frozenset[str]:
+    if weight == 0:
+        return frozenset()
+    return frozenset({"retain", "reference"}) if kind == "kl" else frozenset({"retain"})
+
+
+def check_weights(where: str, **weights: float) -> None:
+    for key, value in weights.items():
+        if value < 0:
+            raise UndoError(f"{where}.{key} must be >= 0, got {value}")

@@ -1,0 +1,41 @@
+"""GradDiff: L = -CE(forget) + a * R, R = CE(retain) ("nll") or KL(p_ref || p) on retain ("kl").
+
+The paper's public code: a = 1 (language), 15 (arithmetic); 10-100 steps; lr swept."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..metrics import masked_ce
+from ..training import LossOutput
+from .base import Method, RetainLoss, check_weights, logits_of, retain_needs, retain_term
+
+
+@dataclasses.dataclass
+class GradDiffOptions:
+    retain_weight: float = 1.0
+    retain_loss: RetainLoss = "nll"
+
+    def validate(self, where: str) -> None:
+        check_weights(where, retain_weight=self.retain_weight)
+
+
+class GradDiff(Method):
+    name = "graddiff"
+    description = "gradient ascent on forget + descent on retain: -CE(forget) + a * (CE or KL to ref)(retain)"
+    Options = GradDiffOptions
+    task_defaults = {"arithmetic": {"retain_weight": 15.0}, "language": {"retain_weight": 1.0}}
+    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
+
+    def needs(self):
+        return frozenset({"forget"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
+
+    def loss(self, model, batches) -> LossOutput:
+        o = self.options
+        forget_ce = masked_ce(logits_of(model, batches["forget"]), batches["forget"]["labels"])
+        loss, logs, flops = -forget_ce, {"forget_ce": forget_ce.item()}, 0.0
+        if o.retain_weight:
+            retain, retain_logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
+            loss = loss + o.retain_weight * retain
+            logs.update(retain_logs)
+        return LossOutput(loss, logs, flops)

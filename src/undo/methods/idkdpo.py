@@ -1,0 +1,80 @@
+"""IdkDPO: DPO with an "I don't know" answer preferred over the true forget answer.
+
+L = -(2/b) * mean_rows log sigmoid(b * ((log pi(y_idk) - log pi_ref(y_idk))
+                                         - (log pi(y) - log pi_ref(y)))) + a * R(retain), b = 0.1.
+The "idk" rows pair each forget example's prompt with an answer drawn (seeded) from
+IDK_ANSWERS; the stage builds them aligned row for row with the forget rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+
+from ..losses import sequence_logprob
+from ..tasks.base import Example
+from ..training import LossOutput
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs, retain_term
+
+IDK_ANSWERS = (
+    " I don't know.",
+    " I'm not sure.",
+    " I have no idea.",
+    " I can't answer that.",
+    " Sorry, I don't know the answer.",
+    " I am unable to answer this.",
+    " That is something I don't know.",
+    " I'm afraid I can't help with that.",
+)
+
+
+def idk_examples(forget: Sequence[Example], seed: int) -> list[Example]:
+    """The preferred answers: each forget prompt with a seeded "I don't know" reply."""
+    rng = random.Random(seed)
+    return [Example(ex.prompt, rng.choice(IDK_ANSWERS)) for ex in forget]
+
+
+@dataclasses.dataclass
+class IdkDPOOptions:
+    beta: float = 0.1
+    retain_weight: float = 1.0
+    retain_loss: RetainLoss = "nll"
+
+    def validate(self, where: str) -> None:
+        check_weights(where, retain_weight=self.retain_weight)
+
+
+def dpo_loss(win_logp, win_ref_logp, lose_logp, lose_ref_logp, beta: float):
+    margin = (win_logp - win_ref_logp) - (lose_logp - lose_ref_logp)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
+class IdkDPO(Method):
+    name = "idkdpo"
+    description = "DPO preferring 'I don't know' over the true forget answer (+ retain term)"
+    Options = IdkDPOOptions
+    row_format = "padded"
+    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
+
+    def needs(self):
+        return (frozenset({"forget", "idk", "reference"})
+                | retain_needs(self.options.retain_loss, self.options.retain_weight))
+
+    def loss(self, model, batches) -> LossOutput:
+        o = self.options
+        win, lose = batches["idk"], batches["forget"]
+        win_logp = sequence_logprob(logits_of(model, win), win["labels"])
+        lose_logp = sequence_logprob(logits_of(model, lose), lose["labels"])
+        win_ref, flops_w = frozen_logits(self.reference, win)
+        lose_ref, flops_l = frozen_logits(self.reference, lose)
+        loss = dpo_loss(win_logp, sequence_logprob(win_ref, win["labels"]),
+                        lose_logp, sequence_logprob(lose_ref, lose["labels"]), o.beta)
+        logs, flops = {"dpo": loss.item()}, flops_w + flops_l
+        if o.retain_weight:
+            retain, retain_logs, retain_flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
+            loss = loss + o.retain_weight * retain
+            logs.update(retain_logs)
+            flops += retain_flops
+        return LossOutput(loss, logs, flops)

@@ -1,0 +1,54 @@
+"""NPO (negative preference optimisation): forget sequences are dispreferred, no preferred answer.
+
+L = -(2/b) * mean_rows log sigmoid(-b * (log pi(y) - log pi_ref(y))) + a * R(retain),
+log pi(y) = summed log-prob of a forget example's scored tokens (one example per row); b = 0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+
+from ..losses import sequence_logprob
+from ..training import LossOutput
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs, retain_term
+
+
+@dataclasses.dataclass
+class NPOOptions:
+    beta: float = 0.1
+    retain_weight: float = 1.0
+    retain_loss: RetainLoss = "nll"
+
+    def validate(self, where: str) -> None:
+        check_weights(where, retain_weight=self.retain_weight)
+
+
+def npo_loss(logp, ref_logp, beta: float):
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
+
+
+class NPO(Method):
+    name = "npo"
+    description = "negative preference optimisation on forget sequences vs. the reference (+ retain term)"
+    Options = NPOOptions
+    row_format = "padded"
+    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
+
+    def needs(self):
+        return frozenset({"forget", "reference"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
+
+    def loss(self, model, batches) -> LossOutput:
+        o = self.options
+        forget = batches["forget"]
+        logp = sequence_logprob(logits_of(model, forget), forget["labels"])
+        ref_logits, flops = frozen_logits(self.reference, forget)
+        ref_logp = sequence_logprob(ref_logits, forget["labels"])
+        loss = npo_loss(logp, ref_logp, o.beta)
+        logs = {"npo": loss.item(), "forget_logratio": (logp - ref_logp).mean().item()}
+        if o.retain_weight:
+            retain, retain_logs, retain_flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
+            loss = loss + o.retain_weight * retain
+            logs.update(retain_logs)
+            flops += retain_flops
+        return LossOutput(loss, logs, flops)

@@ -1,0 +1,49 @@
+"""SimNPO: NPO without a reference model, on length-normalised NLL.
+
+L = f * -(2/b) * mean_rows log sigmoid(b * (sNLL(y)/|y| - d)) + a * R(retain);
+b = 4.5, d = 0, f = 0.125, a = 1 (one example per row)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+
+from ..losses import scored_token_counts, sequence_logprob
+from ..training import LossOutput
+from .base import Method, RetainLoss, check_weights, logits_of, retain_needs, retain_term
+
+
+@dataclasses.dataclass
+class SimNPOOptions:
+    beta: float = 4.5
+    delta: float = 0.0
+    forget_weight: float = 0.125
+    retain_weight: float = 1.0
+    retain_loss: RetainLoss = "nll"
+
+    def validate(self, where: str) -> None:
+        check_weights(where, forget_weight=self.forget_weight, retain_weight=self.retain_weight)
+
+
+class SimNPO(Method):
+    name = "simnpo"
+    description = "reference-free NPO on length-normalised forget NLL (+ retain term)"
+    Options = SimNPOOptions
+    row_format = "padded"
+    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
+
+    def needs(self):
+        return frozenset({"forget"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
+
+    def loss(self, model, batches) -> LossOutput:
+        o = self.options
+        forget = batches["forget"]
+        mean_nll = -sequence_logprob(logits_of(model, forget), forget["labels"]) / scored_token_counts(forget["labels"])
+        simnpo = -(2.0 / o.beta) * F.logsigmoid(o.beta * (mean_nll - o.delta)).mean()
+        loss, logs, flops = o.forget_weight * simnpo, {"simnpo": simnpo.item(), "forget_ce": mean_nll.mean().item()}, 0.0
+        if o.retain_weight:
+            retain, retain_logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
+            loss = loss + o.retain_weight * retain
+            logs.update(retain_logs)
+        return LossOutput(loss, logs, flops)

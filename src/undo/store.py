@@ -1,0 +1,164 @@
+"""The results store: one SQLite file per run holding every model's scores, every point
+of every relearning curve, and how long each stage took.
+
+    models        name (unique), kind, metrics, flops, wall_seconds, meta
+    attack_points (model, lr, step) unique, metrics
+    stage_times   stage (unique), seconds, cached
+
+Every write is an upsert keyed by name (model; model+lr+step; stage), so a resumed run
+that records the same things again replaces rows instead of duplicating them, and a
+re-recorded model keeps its place in the insertion order. Each call opens, commits and
+closes its own connection: a killed run leaves nothing half-written (SQLite transactions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import UndoError
+
+MODEL_KINDS = ("base", "oracle", "method", "oracle_matching", "unlearn_distill", "undo")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY, kind TEXT NOT NULL, metrics TEXT NOT NULL,
+    flops REAL NOT NULL, wall_seconds REAL NOT NULL, meta TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attack_points (
+    model TEXT NOT NULL, lr REAL NOT NULL, step INTEGER NOT NULL, metrics TEXT NOT NULL,
+    PRIMARY KEY (model, lr, step));
+CREATE TABLE IF NOT EXISTS stage_times (
+    stage TEXT PRIMARY KEY, seconds REAL NOT NULL, cached INTEGER NOT NULL);
+"""
+
+
+def _metrics_json(metrics: dict[str, float], where: str) -> str:
+    if not isinstance(metrics, dict):
+        raise UndoError(f"{where}: metrics must be a mapping of name -> number, got {type(metrics).__name__}")
+    try:
+        clean = {str(k): float(v) for k, v in metrics.items()}
+    except (TypeError, ValueError):
+        raise UndoError(f"{where}: every metric must be a number, got {metrics!r}") from None
+    return json.dumps(clean)  # NaN/inf are kept (json writes them as NaN/Infinity)
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UndoError(f"{where}: expected a number, got {value!r}") from None
+
+
+class ResultStore:
+    """A run's results database at `path` (created with its parent directories if missing)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise UndoError(f"results store {self.path} is a directory; give a file path such as runs/NAME/results.sqlite")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            con = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as e:
+            raise UndoError(f"cannot open results store {self.path}: {e}; check the path and its permissions") from None
+        try:
+            with con:  # commits on success, rolls back on error
+                yield con
+        except sqlite3.DatabaseError as e:
+            raise UndoError(f"results store {self.path} is not a usable SQLite database ({e}); "
+                            f"delete it or point to another file") from None
+        finally:
+            con.close()
+
+    # --- models ---------------------------------------------------------------------------
+    def record_model(self, name: str, kind: str, metrics: dict[str, float], flops: float,
+                     wall_seconds: float, meta: dict) -> None:
+        where = f"results store, model '{name}'"
+        if not isinstance(name, str) or not name:
+            raise UndoError(f"results store: a model needs a non-empty name, got {name!r}")
+        if kind not in MODEL_KINDS:
+            raise UndoError(f"{where}: unknown kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+        row = (name, kind, _metrics_json(metrics, where), _number(flops, f"{where} flops"),
+               _number(wall_seconds, f"{where} wall_seconds"), json.dumps(dict(meta or {}), default=str))
+        with self._connect() as con:
+            # ON CONFLICT ... UPDATE keeps the row's rowid, hence its place in the insertion order.
+            con.execute("INSERT INTO models (name, kind, metrics, flops, wall_seconds, meta) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, metrics=excluded.metrics, "
+                        "flops=excluded.flops, wall_seconds=excluded.wall_seconds, meta=excluded.meta", row)
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model in insertion order: {name, kind, metrics, flops, wall_seconds, meta}."""
+        with self._connect() as con:
+            rows = con.execute("SELECT name, kind, metrics, flops, wall_seconds, meta FROM models ORDER BY rowid").fetchall()
+        return [{"name": n, "kind": k, "metrics": json.loads(m), "flops": f, "wall_seconds": w, "meta": json.loads(meta)}
+                for n, k, m, f, w, meta in rows]
+
+    # --- relearning curves ----------------------------------------------------------------
+    def record_attack(self, model: str, lr: float, step: int, metrics: dict[str, float]) -> None:
+        """One point of a relearning curve: `model` attacked at `lr`, evaluated after `step` steps (0 = before)."""
+        where = f"results store, attack on '{model}'"
+        lr = _number(lr, f"{where} lr")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise UndoError(f"{where}: learning rate must be a positive number, got {lr}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise UndoError(f"{where}: step must be an integer >= 0 (0 = before the attack), got {step!r}")
+        with self._connect() as con:
+            con.execute("INSERT INTO attack_points (model, lr, step, metrics) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(model, lr, step) DO UPDATE SET metrics=excluded.metrics",
+                        (model, lr, step, _metrics_json(metrics, where)))
+
+    def attack_points(self, model: str) -> list[dict[str, Any]]:
+        """The points of `model`'s relearning curves, ordered by lr then step: {lr, step, metrics}."""
+        with self._connect() as con:
+            rows = con.execute("SELECT lr, step, metrics FROM attack_points WHERE model = ? ORDER BY lr, step",
+                               (model,)).fetchall()
+        return [{"lr": lr, "step": step, "metrics": json.loads(m)} for lr, step, m in rows]
+
+    # --- stage times ----------------------------------------------------------------------
+    def record_stage_time(self, stage: str, seconds: float, cached: bool) -> None:
+        """How long `stage` took in the latest run (`cached`: it was skipped as already done)."""
+        with self._connect() as con:
+            con.execute("INSERT INTO stage_times (stage, seconds, cached) VALUES (?, ?, ?) "
+                        "ON CONFLICT(stage) DO UPDATE SET seconds=excluded.seconds, cached=excluded.cached",
+                        (str(stage), _number(seconds, f"results store, stage '{stage}' seconds"), int(bool(cached))))
+
+    def stage_times(self) -> list[dict[str, Any]]:
+        """[{stage, seconds, cached}] in the order stages were first recorded."""
+        with self._connect() as con:
+            rows = con.execute("SELECT stage, seconds, cached FROM stage_times ORDER BY rowid").fetchall()
+        return [{"stage": s, "seconds": sec, "cached": bool(c)} for s, sec, c in rows]
+
+
+def worst_case_curve(points: Iterable[dict[str, Any]], metric: str,
+                     higher_is_better: bool) -> list[tuple[int, float, float]]:
+    """The attacker's best `metric` at each step over learning rates: [(step, value, lr)].
+
+    "Best for the attacker" is the max when higher values mean more capability
+    (accuracy) and the min otherwise (cross-entropy). Points without the metric or with
+    a NaN value are ignored; a step none of whose points has it is left out. Ties go to
+    the smallest learning rate, so the answer does not depend on the order of `points`.
+    """
+    best: dict[int, tuple[float, float]] = {}
+    for point in points:
+        value = point["metrics"].get(metric)
+        if value is None or math.isnan(value):
+            continue
+        step, lr = int(point["step"]), float(point["lr"])
+        if step not in best:
+            best[step] = (value, lr)
+            continue
+        old_value, old_lr = best[step]
+        better = value > old_value if higher_is_better else value < old_value
+        if better or (value == old_value and lr < old_lr):
+            best[step] = (value, lr)
+    return [(step, value, lr) for step, (value, lr) in sorted(best.items())]

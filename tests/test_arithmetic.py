@@ -1,0 +1,89 @@
+import re
+
+import pytest
+
+from undo.config import from_dict
+from undo.errors import UndoError
+from undo.tasks import TaskConfig, build_task
+from undo.tasks import arithmetic_templates as templates
+from undo.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, answer, operand_pairs
+
+EQ = re.compile(r"^(\d+) ([-+*/]) (\d+) =$")
+
+
+def test_operand_ranges_and_answers():
+    task = ArithmeticTask(ArithmeticOptions(), seed=0)
+    for domain, limit in (("retain", 50), ("forget", 20)):
+        for ex in task.train_examples(domain):
+            m = EQ.match(ex.prompt)
+            if not m:
+                continue
+            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+            value = int(ex.completion)
+            if op in "+-":
+                assert domain == "retain" and 1 <= a <= limit and 1 <= b <= limit
+                assert value == (a + b if op == "+" else a - b) and value >= 0
+            else:
+                assert domain == "forget"
+                if op == "*":
+                    assert 1 <= a <= limit and 1 <= b <= limit and value == a * b
+                else:
+                    assert a % b == 0 and 1 <= b <= limit and 1 <= value <= limit and value == a // b
+
+
+def test_eval_prompts_never_in_training():
+    task = ArithmeticTask(ArithmeticOptions(), seed=3)
+    train_prompts = {ex.prompt for d in ("forget", "retain") for ex in task.train_examples(d)}
+    for (op, fmt), examples in task.eval_examples().items():
+        assert len(examples) == 100
+        for ex in examples:
+            assert ex.prompt not in train_prompts, (op, fmt, ex.prompt)
+
+
+def test_word_problem_templates_held_out():
+    for op in templates.TRAIN:
+        assert len(templates.TRAIN[op]) == 20 and len(templates.EVAL[op]) == 5
+        assert not set(templates.TRAIN[op]) & set(templates.EVAL[op])
+    task = ArithmeticTask(ArithmeticOptions(), seed=0)
+    eval_word = [ex.prompt for (op, fmt), exs in task.eval_examples().items() if fmt == "word" for ex in exs]
+    train_word = [ex.prompt for ex in task.train_examples("retain") + task.train_examples("forget")
+                  if not EQ.match(ex.prompt)]
+    stems = lambda ts: {t.split("{a}")[0] for op in ts for t in ts[op]}  # noqa: E731
+    assert all(any(p.startswith(s) for s in stems(templates.EVAL)) for p in eval_word)
+    assert not any(p in set(eval_word) for p in train_word)
+
+
+def test_deterministic_and_seed_dependent():
+    a = ArithmeticTask(ArithmeticOptions(), seed=1).train_examples("forget")
+    b = ArithmeticTask(ArithmeticOptions(), seed=1).train_examples("forget")
+    c = ArithmeticTask(ArithmeticOptions(), seed=2).train_examples("forget")
+    assert a == b and a != c
+
+
+def test_configurable_split():
+    opts = from_dict(ArithmeticOptions, {"forget": ["addition"], "retain": ["subtraction", "division"]})
+    task = ArithmeticTask(opts, seed=0)
+    forget_eqs = [EQ.match(ex.prompt) for ex in task.train_examples("forget") if EQ.match(ex.prompt)]
+    assert forget_eqs and all(m.group(2) == "+" for m in forget_eqs)
+    ops = {op for (op, _fmt) in task.eval_examples()}
+    assert ops == {"addition", "subtraction", "division"}
+    # addition is now a forget operation, so its operands come from the forget range
+    assert max(int(EQ.match(e.prompt).group(1)) for e in task.train_examples("forget") if EQ.match(e.prompt)) <= 20
+
+
+def test_bad_options():
+    with pytest.raises(UndoError, match="unknown key 'forgt'"):
+        build_task(TaskConfig("arithmetic", {"forgt": ["addition"]}), 0)
+    with pytest.raises(UndoError, match="not allowed"):
+        from_dict(ArithmeticOptions, {"forget": ["exponent"]})
+    with pytest.raises(UndoError, match="both forget and retain"):
+        from_dict(ArithmeticOptions, {"forget": ["addition"], "retain": ["addition"]})
+    with pytest.raises(UndoError, match="unknown task"):
+        build_task(TaskConfig("arithmetics"), 0)
+
+
+def test_pairs_and_answers():
+    assert len(operand_pairs("multiplication", 20)) == 400
+    assert len(operand_pairs("subtraction", 50)) == 50 * 51 // 2
+    assert all(a % b == 0 for a, b in operand_pairs("division", 20))
+    assert answer("division", 12, 4) == 3

@@ -1,0 +1,127 @@
+import math
+import random
+import sqlite3
+
+import pytest
+
+from undo.errors import UndoError
+from undo.store import ResultStore, worst_case_curve
+
+
+def point(lr, step, **metrics):
+    return {"lr": lr, "step": step, "metrics": metrics}
+
+
+# Three learning rates, three evaluation steps; values picked by hand.
+POINTS = [
+    point(1e-4, 0, acc=0.10), point(1e-4, 10, acc=0.20), point(1e-4, 20, acc=0.30),
+    point(1e-3, 0, acc=0.10), point(1e-3, 10, acc=0.50), point(1e-3, 20, acc=0.40),
+    point(1e-2, 0, acc=0.10), point(1e-2, 10, acc=0.05), point(1e-2, 20, acc=0.90),
+]
+
+
+def test_worst_case_curve_takes_the_max_when_higher_is_better():
+    # step 0: all tie at 0.10 -> smallest lr; step 10: 0.50 at 1e-3; step 20: 0.90 at 1e-2
+    assert worst_case_curve(POINTS, "acc", higher_is_better=True) == [(0, 0.10, 1e-4), (10, 0.50, 1e-3), (20, 0.90, 1e-2)]
+
+
+def test_worst_case_curve_takes_the_min_when_lower_is_better():
+    # step 10: 0.05 at 1e-2; step 20: 0.30 at 1e-4
+    assert worst_case_curve(POINTS, "acc", higher_is_better=False) == [(0, 0.10, 1e-4), (10, 0.05, 1e-2), (20, 0.30, 1e-4)]
+
+
+def test_worst_case_curve_breaks_ties_by_smallest_lr_whatever_the_order():
+    tied = [point(3e-4, 5, ce=1.5), point(1e-4, 5, ce=1.5), point(1e-3, 5, ce=1.5), point(2e-3, 5, ce=2.0)]
+    for seed in range(5):
+        shuffled = tied[:]
+        random.Random(seed).shuffle(shuffled)
+        assert worst_case_curve(shuffled, "ce", higher_is_better=False) == [(5, 1.5, 1e-4)]
+        assert worst_case_curve(shuffled, "ce", higher_is_better=True) == [(5, 2.0, 2e-3)]
+
+
+def test_worst_case_curve_skips_missing_and_nan_values():
+    points = [point(1e-3, 0, acc=float("nan")), point(1e-4, 0, acc=0.2), point(1e-4, 10, other=1.0),
+              point(1e-3, 20, acc=float("nan"))]
+    assert worst_case_curve(points, "acc", higher_is_better=True) == [(0, 0.2, 1e-4)]
+    assert worst_case_curve([], "acc", higher_is_better=True) == []
+
+
+def fill(store):
+    store.record_model("base", "base", {"forget_acc": 0.9, "retain_acc": 0.95}, 1e12, 10.0, {"steps": 100})
+    store.record_model("maxent", "method", {"forget_acc": 0.1, "retain_acc": 0.9}, 1e10, 2.5,
+                       {"method": "maxent", "flops_total": 1.01e12})
+    store.record_attack("maxent", 1e-3, 0, {"forget_acc": 0.1})
+    store.record_attack("maxent", 1e-4, 10, {"forget_acc": 0.3})
+    store.record_attack("maxent", 1e-4, 0, {"forget_acc": 0.1})
+    store.record_stage_time("pretrain/base", 12.5, cached=False)
+    store.record_stage_time("unlearn/maxent", 0.01, cached=True)
+
+
+def test_store_round_trip_and_reopen(tmp_path):
+    path = tmp_path / "nested" / "results.sqlite"
+    fill(ResultStore(path))
+    store = ResultStore(path)  # reopen: the schema is created only if missing
+    assert store.models() == [
+        {"name": "base", "kind": "base", "metrics": {"forget_acc": 0.9, "retain_acc": 0.95}, "flops": 1e12,
+         "wall_seconds": 10.0, "meta": {"steps": 100}},
+        {"name": "maxent", "kind": "method", "metrics": {"forget_acc": 0.1, "retain_acc": 0.9}, "flops": 1e10,
+         "wall_seconds": 2.5, "meta": {"method": "maxent", "flops_total": 1.01e12}},
+    ]
+    # ordered by lr, then step
+    assert store.attack_points("maxent") == [
+        {"lr": 1e-4, "step": 0, "metrics": {"forget_acc": 0.1}},
+        {"lr": 1e-4, "step": 10, "metrics": {"forget_acc": 0.3}},
+        {"lr": 1e-3, "step": 0, "metrics": {"forget_acc": 0.1}},
+    ]
+    assert store.attack_points("nobody") == []
+    assert store.stage_times() == [{"stage": "pretrain/base", "seconds": 12.5, "cached": False},
+                                   {"stage": "unlearn/maxent", "seconds": 0.01, "cached": True}]
+
+
+def test_re_recording_replaces_rows_and_keeps_order(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    fill(store)
+    fill(store)  # a resumed run records the same things again
+    store.record_model("base", "base", {"forget_acc": 0.8}, 2e12, 11.0, {})
+    store.record_attack("maxent", 1e-4, 10, {"forget_acc": 0.35})
+    store.record_stage_time("pretrain/base", 0.02, cached=True)
+    models = store.models()
+    assert [m["name"] for m in models] == ["base", "maxent"]
+    assert models[0]["metrics"] == {"forget_acc": 0.8} and models[0]["flops"] == 2e12 and models[0]["meta"] == {}
+    assert len(store.attack_points("maxent")) == 3
+    assert store.attack_points("maxent")[1]["metrics"] == {"forget_acc": 0.35}
+    assert store.stage_times()[0] == {"stage": "pretrain/base", "seconds": 0.02, "cached": True}
+    con = sqlite3.connect(tmp_path / "r.sqlite")
+    counts = [con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("models", "attack_points", "stage_times")]
+    con.close()
+    assert counts == [2, 3, 2]
+
+
+def test_nan_metrics_survive_the_round_trip(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    store.record_model("diverged", "method", {"forget_ce": float("nan")}, 0.0, 0.0, {})
+    assert math.isnan(store.models()[0]["metrics"]["forget_ce"])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: s.record_model("m", "teacher", {}, 0, 0, {}), "unknown kind 'teacher'"),
+    (lambda s: s.record_model("", "base", {}, 0, 0, {}), "non-empty name"),
+    (lambda s: s.record_model("m", "base", {"acc": "high"}, 0, 0, {}), "must be a number"),
+    (lambda s: s.record_attack("m", 0.0, 1, {}), "learning rate must be a positive"),
+    (lambda s: s.record_attack("m", 1e-3, -1, {}), "step must be an integer >= 0"),
+    (lambda s: s.record_attack("m", 1e-3, 1.5, {}), "step must be an integer >= 0"),
+])
+def test_bad_records_raise_one_clear_error(tmp_path, call, match):
+    store = ResultStore(tmp_path / "r.sqlite")
+    with pytest.raises(UndoError, match=match):
+        call(store)
+    assert store.models() == [] and store.attack_points("m") == []
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    junk = tmp_path / "results.sqlite"
+    junk.write_text("this is not sqlite " * 100)
+    with pytest.raises(UndoError, match="not a usable SQLite database"):
+        ResultStore(junk)
+    with pytest.raises(UndoError, match="is a directory"):
+        ResultStore(tmp_path)

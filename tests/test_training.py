@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+from undo.data import BatchStream, pad_batch
+from undo.errors import UndoError
+from undo.models import ModelConfig, build_model
+from undo.tasks.arithmetic import ArithmeticOptions, ArithmeticTask
+from undo.tokenization import train_tokenizer
+from undo.training import LossOutput, TrainConfig, lm_loss, lr_lambda, train
+
+
+@pytest.fixture(scope="module")
+def setup():
+    task = ArithmeticTask(ArithmeticOptions(examples_per_operation=100, eval_per_format=4), seed=0)
+    tok = train_tokenizer(task.tokenizer_corpus(), "bpe", 300)
+    rows = pad_batch(tok, task.train_examples("retain"), "completion")
+    return tok, rows
+
+
+def _train(tok, rows, steps, resume_dir=None, **kw):
+    model = build_model(ModelConfig(preset="tiny"), tok, seed=0)
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=kw.pop("checkpoint_every", 0),
+                      eval_every=kw.pop("eval_every", 0))
+    result = train(model, lm_loss, {"train": BatchStream(rows, 8, seed=0)}, cfg, seed=0, resume_dir=resume_dir, **kw)
+    return model, result
+
+
+def test_a_few_steps_lower_the_loss(setup):
+    tok, rows = setup
+    model = build_model(ModelConfig(preset="tiny"), tok, seed=0)
+    batch = {k: v[:32] for k, v in rows.items()}
+    before = lm_loss(model, {"b": batch}).loss.item()
+    train(model, lm_loss, {"train": BatchStream(rows, 8, seed=0)}, TrainConfig(steps=30, batch_size=8, lr=3e-3),
+          seed=0)
+    after = lm_loss(model, {"b": batch}).loss.item()
+    assert after < before - 0.5, (before, after)
+
+
+def test_same_seed_same_weights(setup):
+    tok, rows = setup
+    a, ra = _train(tok, rows, 6)
+    b, rb = _train(tok, rows, 6)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert ra.flops == rb.flops > 0
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    """Kill a run after a resume point; rerunning ends with bitwise the same weights."""
+    tok, rows = setup
+    full, full_result = _train(tok, rows, 10)
+
+    calls = {"n": 0}
+
+    def crashing_eval(model):
+        calls["n"] += 1
+        if calls["n"] == 2:  # at step 8, after the resume point at step 6 was written
+            raise Crash()
+        return {"x": 0.0}
+
+    resume = tmp_path / "resume"
+    with pytest.raises(Crash):
+        _train(tok, rows, 10, resume_dir=resume, checkpoint_every=3, eval_every=4, evaluate=crashing_eval)
+    assert (resume / "state.json").exists()
+    resumed, result = _train(tok, rows, 10, resume_dir=resume, checkpoint_every=3)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    assert result.steps == 10 and result.flops == full_result.flops and result.tokens == full_result.tokens
+
+
+def test_nan_loss_is_a_clear_error(setup):
+    tok, rows = setup
+
+    def nan_loss(model, batches):
+        out = lm_loss(model, batches)
+        return LossOutput(out.loss * float("nan"))
+
+    model = build_model(ModelConfig(preset="tiny"), tok, seed=0)
+    with pytest.raises(UndoError, match="loss became nan at step 0; lower the learning rate"):
+        train(model, nan_loss, {"train": BatchStream(rows, 8, seed=0)}, TrainConfig(steps=3, batch_size=8), seed=0)
+
+
+def test_grad_accumulation_matches_full_batch(setup):
+    tok, rows = setup
+    models = []
+    for accum in (1, 4):
+        model = build_model(ModelConfig(preset="tiny"), tok, seed=0)
+        # equal-length rows so per-micro-batch means average to the full-batch mean
+        fixed = {k: v[:, :8] for k, v in rows.items()}
+        fixed["attention_mask"] = torch.ones_like(fixed["attention_mask"])
+        fixed["labels"] = fixed["input_ids"].clone()
+        train(model, lm_loss, {"train": BatchStream(fixed, 8, seed=0)},
+              TrainConfig(steps=3, batch_size=8, grad_accum=accum, lr=1e-3), seed=0)
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_schedule_shapes():
+    cos = lr_lambda(TrainConfig(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1))
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(10) == pytest.approx(1.0) and cos(100) == pytest.approx(0.1)
+    assert cos(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    const = lr_lambda(TrainConfig(steps=100, warmup_steps=1, schedule="constant"))
+    assert const(0) == 1.0 and const(50) == 1.0
+
+
+def test_flops_are_six_n_tokens(setup):
+    from undo.models import non_embedding_params
+
+    tok, rows = setup
+    model, result = _train(tok, rows, 2)
+    assert result.flops == pytest.approx(6 * non_embedding_params(model) * result.tokens)
