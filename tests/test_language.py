@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 
 import pytest
@@ -328,3 +327,13 @@ def test_training_on_one_language_lowers_its_cross_entropy_more():
     assert after["retain_ce"] < before["retain_ce"] - 1.0
     assert after["forget_ce"] > after["retain_ce"] + 1.0
     assert after["retain_acc"] > before["retain_acc"]
+
+
+def test_language_preset_loads_and_validates():
+    from undo.experiment import load_experiment
+
+    exp = load_experiment("language")
+    assert exp.task.name == "language" and exp.model.preset == "tiny" and exp.tokenizer.kind == "bpe"
+    options = from_dict(LanguageOptions, exp.task.options, "task.options")
+    assert options.source == "synthetic" and options.eval_seq_len <= exp.model.max_position_embeddings
+    assert exp.pretrain.seq_len <= exp.model.max_position_embeddings

@@ -84,18 +84,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_noise(args: argparse.Namespace) -> int:
-    from .artifacts import Artifact
-    from .models import load_model
-    from .undo import noise_
+    from .undo import noise_stage
 
     out = Path(args.out)
-    if out.exists():
-        raise UndoError(f"{out} already exists; choose a new --out directory")
-    model, tok = load_model(args.model)
-    noise_(model, args.alpha, args.beta, args.seed)
-    art = Artifact(out.parent, out.name)
-    art.write("noise", {"source": args.model, "alpha": args.alpha, "beta": args.beta, "seed": args.seed},
-              model=model, tokenizer=tok)
+    art = noise_stage(external_artifact(args.model), out.parent, out.name, args.alpha, args.beta, args.seed)
     print(f"noised model: {art.model_dir}")
     return 0
 
@@ -151,27 +143,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def external_artifact(model_dir: str):
-    """An Artifact for a checkpoint directory given on the command line (`.../<stage>/model`
-    of a run, or any HF model directory)."""
-    from .artifacts import Artifact
+    """A stage input from the command line: a run's `<stage>/` or `<stage>/model` directory
+    (its Artifact, cache key included) or any HF model directory."""
+    from .artifacts import model_source
 
     path = Path(model_dir)
-    if not (path / "config.json").exists():
+    if not ((path / "config.json").exists() or (path / "model" / "config.json").exists()):
         raise UndoError(f"{path} is not a model directory (no config.json); give a checkpoint such as runs/<name>/base/model")
-    if path.name == "model" and (path.parent / "result.json").exists():
-        return Artifact(path.parent.parent, path.parent.name)
-    return _DirArtifact(path)
-
-
-class _DirArtifact:
-    """A plain HF directory used as a stage input: its cache key is its path and mtime."""
-
-    def __init__(self, path: Path):
-        self.model_dir = path
-        self.stage = path.name
-
-    def result(self):
-        return {"key": f"{self.model_dir.resolve()}@{(self.model_dir / 'config.json').stat().st_mtime}"}
+    return model_source(path)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -238,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
+    hf_logging.set_verbosity_error()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

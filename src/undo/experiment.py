@@ -20,7 +20,10 @@ from .methods.config import UnlearnConfig
 @dataclasses.dataclass
 class TokenizerConfig:
     kind: Literal["char", "bpe"] = "bpe"
-    vocab_size: int = 512
+    vocab_size: int = 1024
+    # False: a number is one token where the vocabulary allows (arithmetic becomes fact
+    # lookup, which a 1M-parameter model learns ~10x faster than digit-by-digit answers).
+    split_digits: bool = False
     path: Optional[str] = None  # an existing HF tokenizer directory instead of training one
 
 

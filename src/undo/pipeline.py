@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from .artifacts import Artifact
 from .config import config_hash, to_dict
 from .errors import UndoError
+from .corpora import check_encodes, check_seq_len
 from .data import BatchStream, task_rows
 from .experiment import ExperimentConfig
 from .models import build_model, count_params, load_model
@@ -35,9 +36,13 @@ def say(message: str) -> None:
 
 
 def make_tokenizer(exp: ExperimentConfig, task: Task) -> PreTrainedTokenizerBase:
+    """The experiment's tokenizer: a given directory, the model's own, or one trained on the task."""
     if exp.tokenizer.path:
         return load_tokenizer(exp.tokenizer.path)
-    return train_tokenizer(task.tokenizer_corpus(), exp.tokenizer.kind, exp.tokenizer.vocab_size)
+    if exp.model.path:
+        return load_tokenizer(exp.model.path)
+    return train_tokenizer(task.tokenizer_corpus(), exp.tokenizer.kind, exp.tokenizer.vocab_size,
+                           split_digits=exp.tokenizer.split_digits)
 
 
 def pretrain_stage(exp: ExperimentConfig, run_dir: Path, which: Literal["base", "oracle"]) -> Artifact:
@@ -53,7 +58,9 @@ def pretrain_stage(exp: ExperimentConfig, run_dir: Path, which: Literal["base", 
         model, _ = load_model(exp.model.path)
     else:
         model = build_model(exp.model, tok, seed=exp.seed)
+    check_seq_len(model, exp.pretrain.seq_len, "pretrain.seq_len")
     examples = task.train_examples("retain")
+    check_encodes(tok, [ex.prompt + ex.completion for ex in examples[:200]], "training text")
     if which == "base":
         examples = examples + task.train_examples("forget")
         random.Random(exp.seed).shuffle(examples)

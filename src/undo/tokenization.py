@@ -20,11 +20,14 @@ from .errors import UndoError
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 
 
-def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", vocab_size: int = 512,
+                    split_digits: bool = True) -> PreTrainedTokenizerFast:
     """Train a tokenizer on `texts`.
 
     char: one token per character seen (plus <unk> for unseen ones); exact round trip.
-    bpe:  byte-level BPE of `vocab_size` with single-digit tokens; encodes any text.
+    bpe:  byte-level BPE of `vocab_size`; encodes any text. With `split_digits` every digit
+          is its own token; without, a run of digits is one pre-token that BPE may merge,
+          so frequent numbers become single tokens.
     """
     texts = list(texts)
     if not texts or not any(t for t in texts):
@@ -40,7 +43,7 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", 
     elif kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+            [pre_tokenizers.Digits(individual_digits=split_digits), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -252,8 +253,11 @@ def train(
         if should_stop is not None and metrics is not None and should_stop(metrics):
             stopped_early = True
     step = start_step
+    quiet = not acc.is_main_process or os.environ.get("UNDO_NO_PROGRESS") == "1"
+    interactive = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, leave=False, mininterval=1.0,
-               disable=not acc.is_main_process or os.environ.get("UNDO_NO_PROGRESS") == "1")
+               disable=quiet or not interactive)
+    log_every = max(1, cfg.steps // 10)  # without a terminal: a plain progress line every 10%
     model.train()
     while step < cfg.steps and not stopped_early:
         logs: dict[str, float] = {}
@@ -283,6 +287,10 @@ def train(
         step += 1
         bar.update(1)
         bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in list(logs.items())[:3]}}, refresh=False)
+        if not quiet and not interactive and step % log_every == 0:
+            rate = (step - start_step) / max(time.time() - t0, 1e-9)
+            print(f"[undo] {desc}: step {step}/{cfg.steps} loss {last_loss:.4f} "
+                  f"({rate:.1f} steps/s, ETA {(cfg.steps - step) / max(rate, 1e-9):.0f}s)", file=sys.stderr, flush=True)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics = run_eval(step)
             if should_stop is not None and metrics is not None and should_stop(metrics):

@@ -24,7 +24,7 @@ from typing import Literal, Optional
 import torch
 from transformers import PreTrainedModel
 
-from .artifacts import Artifact
+from .artifacts import Artifact, source_key
 from .config import config_hash, from_dict, to_dict
 from .data import BatchStream, task_rows
 from .errors import UndoError
@@ -113,8 +113,7 @@ def retain_recovered(rule: str, tolerance: float, higher_is_better: bool, teache
 def noise_stage(teacher_art: Artifact, run_dir: Path, name: str, alpha: float, beta: float, seed: int) -> Artifact:
     """`undo noise`: write a noised copy of a checkpoint as its own artifact."""
     art = Artifact(run_dir, name)
-    key = config_hash("noise", teacher_art.result().get("key") if teacher_art.result() else str(teacher_art.model_dir),
-                      alpha, beta, seed)
+    key = config_hash("noise", source_key(teacher_art), alpha, beta, seed)
     if art.is_done(key):
         return art
     model, tok = load_model(teacher_art.model_dir)
@@ -130,8 +129,8 @@ def distill_stage(exp, run_dir: Path, name: str, teacher_art: Artifact, student:
     """Distill the teacher's outputs into a student; cached and resumable like every stage."""
     art = Artifact(run_dir, name)
     train_cfg = dataclasses.replace(cfg.distill, steps=steps if steps is not None else cfg.distill.steps)
-    key = config_hash("distill", name, (teacher_art.result() or {}).get("key"),
-                      (student_art.result() or {}).get("key") if student_art else None,
+    key = config_hash("distill", name, source_key(teacher_art),
+                      source_key(student_art) if student_art else None,
                       student, alpha, cfg.beta, cfg.temperature, cfg.data, cfg.stop_rule, cfg.stop_tolerance,
                       train_cfg, exp.seed, exp.task)
     if art.is_done(key):

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from ..artifacts import Artifact
+from ..artifacts import Artifact, source_key
 from ..config import config_hash, to_dict
 from ..data import BatchStream, task_rows
 from ..errors import UndoError
@@ -64,7 +64,7 @@ def relearn_stage(exp, run_dir: Path, target_name: str, target: Artifact, cfg: A
                   say=print) -> Artifact:
     """One learning rate of the relearning attack on one model: the curve of metrics vs step."""
     art = Artifact(run_dir, f"attack/{target_name}/lr{lr:g}")
-    key = config_hash("relearn", (target.result() or {}).get("key"), to_dict(cfg), lr, exp.seed, exp.task)
+    key = config_hash("relearn", source_key(target), to_dict(cfg), lr, exp.seed, exp.task)
     if art.is_done(key):
         return art
     task = build_task(exp.task, exp.seed)

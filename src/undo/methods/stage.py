@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..artifacts import Artifact
+from ..artifacts import Artifact, ModelDir, model_source, source_key
 from ..config import config_hash, from_dict, to_dict
 from ..data import BatchStream, pad_batch, task_rows
 from ..errors import UndoError
@@ -36,38 +36,6 @@ from .idkdpo import idk_examples
 
 if TYPE_CHECKING:
     from ..experiment import ExperimentConfig
-
-
-class ModelDir:
-    """A model given as a plain checkpoint directory (no sidecar), usable where an Artifact is."""
-
-    def __init__(self, path: str | Path):
-        self.model_dir = Path(path)
-
-    def result(self) -> Optional[dict[str, Any]]:
-        return None
-
-
-def model_source(path: str | Path) -> Artifact | ModelDir:
-    """An artifact directory (`<stage>/` or `<stage>/model`) as its Artifact, else a plain directory."""
-    path = Path(path)
-    if (path / "model" / "config.json").exists():
-        return Artifact(path.parent, path.name)
-    if path.name == "model" and (path.parent / "result.json").exists():
-        return Artifact(path.parent.parent, path.parent.name)
-    return ModelDir(path)
-
-
-def source_key(source: Artifact | ModelDir) -> str:
-    """What identifies an input model in a cache key: its stage key, else the files' names, sizes, mtimes."""
-    result = source.result()
-    if result and "key" in result:
-        return result["key"]
-    model_dir = Path(source.model_dir)
-    if not model_dir.exists():
-        raise UndoError(f"model path {model_dir} does not exist; give a checkpoint directory (e.g. runs/<name>/base/model)")
-    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.iterdir() if p.is_file())
-    return hashlib.sha256(repr((str(model_dir.resolve()), stats)).encode()).hexdigest()[:16]
 
 
 def train_config(method: Method, run: MethodRun) -> TrainConfig:

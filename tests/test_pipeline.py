@@ -1,0 +1,79 @@
+"""The whole experiment on the `quick` preset: end to end, cached, and resumable after kill -9."""
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from undo.experiment import load_experiment
+from undo.pipeline import run_experiment
+
+
+def _models(run_dir: Path) -> dict:
+    with sqlite3.connect(run_dir / "results.sqlite") as db:
+        rows = db.execute("SELECT name, metrics FROM models").fetchall()
+    return {name: json.loads(metrics) for name, metrics in rows}
+
+
+def _attacks(run_dir: Path) -> list:
+    with sqlite3.connect(run_dir / "results.sqlite") as db:
+        return sorted(db.execute("SELECT model, lr, step, metrics FROM attack_points").fetchall())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("quick")
+    report = run_experiment(load_experiment("quick"), run_dir)
+    return run_dir, report
+
+
+def test_quick_pipeline_produces_every_model_attack_and_report(quick_run):
+    run_dir, report = quick_run
+    models = _models(run_dir)
+    assert set(models) == {"base", "oracle", "graddiff", "oracle_matching", "unlearn_distill", "undo_a0.5"}
+    attacked = {row[0] for row in _attacks(run_dir)}
+    assert attacked == set(models)
+    html = report.read_text()
+    for png in ("relearning.png", "pareto.png", "compute.png"):
+        assert png in html and (report.parent / png).stat().st_size > 5000
+    assert not list(run_dir.rglob("*.partial")) and not list(run_dir.rglob("*.resume"))
+
+
+def test_rerun_is_fully_cached(quick_run, monkeypatch):
+    run_dir, _ = quick_run
+    import undo.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached stage trained again")
+
+    for module in ("undo.pipeline", "undo.undo", "undo.attacks.relearn", "undo.methods.stage"):
+        monkeypatch.setattr(f"{module}.train", no_training)
+    before = _attacks(run_dir)
+    run_experiment(load_experiment("quick"), run_dir)
+    assert _attacks(run_dir) == before
+
+
+def test_killed_run_resumes_to_the_same_numbers(quick_run, tmp_path):
+    """kill -9 at a random moment, run the same command again: same numbers as uninterrupted."""
+    run_dir, _ = quick_run
+    target = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "undo.cli", "run", "quick", "--run-dir", str(target)]
+    env = {**os.environ, "UNDO_NO_PROGRESS": "1"}
+    delay = random.Random(int(time.time())).uniform(8, 25)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _models(target) == _models(run_dir), f"killed after {delay:.1f}s"
+    assert _attacks(target) == _attacks(run_dir)
