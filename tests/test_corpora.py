@@ -110,10 +110,12 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
     data = datasets.Dataset.from_dict({"text": ["가나다", "라마바", "사아자"]})
     data.save_to_disk(str(tmp_path / "ds"))
     assert read_corpus([tmp_path / "ds"], max_documents=2) == ["가나다", "라마바"]
-    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(UndoError, match=r"dd: a DatasetDict; choose a split .*splits: train"):
+    datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UndoError, match=r"dd: a DatasetDict with splits train, test; choose one with the split option"):
         read_corpus([tmp_path / "dd"], max_documents=10)
     assert read_corpus([tmp_path / "dd"], max_documents=10, split="train") == ["가나다", "라마바", "사아자"]
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "one"))
+    assert read_corpus([tmp_path / "one"], max_documents=10) == ["가나다", "라마바", "사아자"]  # the only split
     (tmp_path / "plain").mkdir()
     with pytest.raises(UndoError, match=r"plain: not a dataset saved with save_to_disk"):
         list(iter_documents(tmp_path / "plain"))

@@ -48,8 +48,6 @@ def test_quick_pipeline_produces_every_model_attack_and_report(quick_run):
 
 def test_rerun_is_fully_cached(quick_run, monkeypatch):
     run_dir, _ = quick_run
-    import undo.training
-
     def no_training(*args, **kwargs):
         raise AssertionError("a cached stage trained again")
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from undo.data import BatchStream
 from undo.errors import UndoError
 from undo.losses import forward_kl
 from undo.undo import distill_loss_fn, noise_, retain_recovered, xavier_uniform_like

@@ -93,7 +93,6 @@ def cmd_noise(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .artifacts import Artifact
     from .experiment import load_experiment
     from .undo import distill_stage
 

@@ -111,7 +111,8 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
                 yield text
 
 
-def _datasets_documents(path: Path, field: str, split: Optional[str]) -> Iterator[str]:
+def load_saved_dataset(path: Path, split: Optional[str], how_to_split: str, readable: str):
+    """A `datasets` Dataset saved with save_to_disk; a DatasetDict needs `split` unless it has one split."""
     try:
         import datasets
     except ModuleNotFoundError:
@@ -119,11 +120,19 @@ def _datasets_documents(path: Path, field: str, split: Optional[str]) -> Iterato
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as e:  # FileNotFoundError for a plain directory, others for damaged ones
-        raise UndoError(f"{path}: not a dataset saved with save_to_disk ({type(e).__name__}); give {READABLE}") from None
+        raise UndoError(f"{path}: not a dataset saved with save_to_disk ({type(e).__name__}); give {readable}") from None
     if isinstance(data, datasets.DatasetDict):
-        if split is None or split not in data:
-            raise UndoError(f"{path}: a DatasetDict; choose a split with the split option (splits: {', '.join(data)})")
+        splits = list(data)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in data:
+            raise UndoError(f"{path}: a DatasetDict with splits {', '.join(splits)}; {how_to_split}")
         data = data[split]
+    return data
+
+
+def _datasets_documents(path: Path, field: str, split: Optional[str]) -> Iterator[str]:
+    data = load_saved_dataset(path, split, "choose one with the split option", READABLE)
     if field not in data.column_names:
         raise UndoError(f"{path}: no column '{field}' (columns: {', '.join(data.column_names)}); set the text field option")
     for start in range(0, len(data), 1024):  # slices are read from the memory-mapped Arrow files

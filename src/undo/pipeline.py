@@ -7,7 +7,6 @@ done) and resumable (an interrupted stage continues from its last resume point).
 from __future__ import annotations
 
 import json
-import logging
 import random
 import time
 from pathlib import Path
@@ -27,9 +26,6 @@ from .models import build_model, count_params, load_model
 from .tasks import Task, build_task
 from .tokenization import load_tokenizer, train_tokenizer
 from .training import lm_loss, train
-
-log = logging.getLogger("undo")
-
 
 def say(message: str) -> None:
     print(f"[undo] {message}", flush=True)

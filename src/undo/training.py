@@ -198,7 +198,7 @@ def train(
     forward_model = torch.compile(model) if cfg.compile else model
 
     n_params = non_embedding_params(acc.unwrap_model(model))
-    start_step, tokens, flops, extra_flops, history, elapsed = 0, 0, 0.0, 0.0, [], 0.0
+    start_step, tokens, flops, history, elapsed = 0, 0, 0.0, [], 0.0
     if resume_dir is not None and (resume_dir / "state.json").exists():
         state = json.loads((resume_dir / "state.json").read_text())
         acc.load_state(str(resume_dir / "accelerate"))
@@ -257,7 +257,8 @@ def train(
     interactive = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, leave=False, mininterval=1.0,
                disable=quiet or not interactive)
-    log_every = max(1, cfg.steps // 10)  # without a terminal: a plain progress line every 10%
+    log_every = max(1, cfg.steps // 10)  # without a terminal: a progress line every 10% (at most every 5 s)
+    last_print = time.time()
     model.train()
     while step < cfg.steps and not stopped_early:
         logs: dict[str, float] = {}
@@ -287,7 +288,8 @@ def train(
         step += 1
         bar.update(1)
         bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in list(logs.items())[:3]}}, refresh=False)
-        if not quiet and not interactive and step % log_every == 0:
+        if not quiet and not interactive and step % log_every == 0 and time.time() - last_print >= 5:
+            last_print = time.time()
             rate = (step - start_step) / max(time.time() - t0, 1e-9)
             print(f"[undo] {desc}: step {step}/{cfg.steps} loss {last_loss:.4f} "
                   f"({rate:.1f} steps/s, ETA {(cfg.steps - step) / max(rate, 1e-9):.0f}s)", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .artifacts import Artifact, source_key
-from .config import config_hash, from_dict, to_dict
+from .config import config_hash, to_dict
 from .data import BatchStream, task_rows
 from .errors import UndoError
 from .losses import forward_kl

@@ -94,6 +94,14 @@ class Method:
     def loss(self, model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
         raise NotImplementedError
 
+    def with_retain(self, model: torch.nn.Module, batches: dict[str, Batch], out: LossOutput) -> LossOutput:
+        """`out` plus the options' retain term: retain_weight * (CE or KL to the reference) on retain data."""
+        o = self.options
+        if not o.retain_weight:
+            return out
+        retain, logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
+        return LossOutput(out.loss + o.retain_weight * retain, {**out.logs, **logs}, out.extra_flops + flops)
+
 
 # ---------------------------------------------------------------- registry
 

@@ -64,7 +64,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from ..experiment import load_experiment
     from .base import method_class
     from .config import MethodRun
-    from .stage import model_source, select_teacher, summarize, sweep_runs, unlearn_stage
+    from ..artifacts import model_source
+    from .stage import select_teacher, summarize, sweep_runs, unlearn_stage
 
     method_class(args.method)  # an unknown name fails before anything is loaded
     options, train_over, rest = split_overrides(args.overrides)

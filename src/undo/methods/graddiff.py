@@ -8,7 +8,7 @@ import dataclasses
 
 from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of, retain_needs, retain_term
+from .base import Method, RetainLoss, check_weights, logits_of, retain_needs
 
 
 @dataclasses.dataclass
@@ -31,11 +31,5 @@ class GradDiff(Method):
         return frozenset({"forget"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
 
     def loss(self, model, batches) -> LossOutput:
-        o = self.options
         forget_ce = masked_ce(logits_of(model, batches["forget"]), batches["forget"]["labels"])
-        loss, logs, flops = -forget_ce, {"forget_ce": forget_ce.item()}, 0.0
-        if o.retain_weight:
-            retain, retain_logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
-            loss = loss + o.retain_weight * retain
-            logs.update(retain_logs)
-        return LossOutput(loss, logs, flops)
+        return self.with_retain(model, batches, LossOutput(-forget_ce, {"forget_ce": forget_ce.item()}))

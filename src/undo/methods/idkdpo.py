@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..losses import sequence_logprob
 from ..tasks.base import Example
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs, retain_term
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs
 
 IDK_ANSWERS = (
     " I don't know.",
@@ -72,9 +72,4 @@ class IdkDPO(Method):
         loss = dpo_loss(win_logp, sequence_logprob(win_ref, win["labels"]),
                         lose_logp, sequence_logprob(lose_ref, lose["labels"]), o.beta)
         logs, flops = {"dpo": loss.item()}, flops_w + flops_l
-        if o.retain_weight:
-            retain, retain_logs, retain_flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
-            loss = loss + o.retain_weight * retain
-            logs.update(retain_logs)
-            flops += retain_flops
-        return LossOutput(loss, logs, flops)
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops))

@@ -12,7 +12,7 @@ import dataclasses
 from ..losses import scored_positions, uniform_kl
 from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of, retain_needs, retain_term
+from .base import Method, RetainLoss, check_weights, logits_of, retain_needs
 
 
 @dataclasses.dataclass
@@ -43,8 +43,4 @@ class MaxEnt(Method):
         loss = o.forget_weight * kl_uniform
         logs = {"forget_kl_uniform": kl_uniform.item(), "forget_ce": masked_ce(logits.detach(), forget["labels"]).item()}
         flops = 0.0
-        if o.retain_weight:
-            retain, retain_logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
-            loss = loss + o.retain_weight * retain
-            logs.update(retain_logs)
-        return LossOutput(loss, logs, flops)
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import sequence_logprob
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs, retain_term
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs
 
 
 @dataclasses.dataclass
@@ -46,9 +46,4 @@ class NPO(Method):
         ref_logp = sequence_logprob(ref_logits, forget["labels"])
         loss = npo_loss(logp, ref_logp, o.beta)
         logs = {"npo": loss.item(), "forget_logratio": (logp - ref_logp).mean().item()}
-        if o.retain_weight:
-            retain, retain_logs, retain_flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
-            loss = loss + o.retain_weight * retain
-            logs.update(retain_logs)
-            flops += retain_flops
-        return LossOutput(loss, logs, flops)
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import scored_token_counts, sequence_logprob
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of, retain_needs, retain_term
+from .base import Method, RetainLoss, check_weights, logits_of, retain_needs
 
 
 @dataclasses.dataclass
@@ -42,8 +42,4 @@ class SimNPO(Method):
         mean_nll = -sequence_logprob(logits_of(model, forget), forget["labels"]) / scored_token_counts(forget["labels"])
         simnpo = -(2.0 / o.beta) * F.logsigmoid(o.beta * (mean_nll - o.delta)).mean()
         loss, logs, flops = o.forget_weight * simnpo, {"simnpo": simnpo.item(), "forget_ce": mean_nll.mean().item()}, 0.0
-        if o.retain_weight:
-            retain, retain_logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
-            loss = loss + o.retain_weight * retain
-            logs.update(retain_logs)
-        return LossOutput(loss, logs, flops)
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops))

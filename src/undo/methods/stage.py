@@ -12,7 +12,6 @@ the strongest forgetting whose retain metric stays within a tolerance of the bas
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import shutil
 import time
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..artifacts import Artifact, ModelDir, model_source, source_key
+from ..artifacts import Artifact, ModelDir, source_key
 from ..config import config_hash, from_dict, to_dict
 from ..data import BatchStream, pad_batch, task_rows
 from ..errors import UndoError

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import scored_positions, soft_cross_entropy
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs, retain_term
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs
 
 
 @dataclasses.dataclass
@@ -49,9 +49,4 @@ class UNDIAL(Method):
         target = undial_targets(ref_logits, forget["labels"], o.beta)
         loss = soft_cross_entropy(target, logits_of(model, forget), scored_positions(forget["labels"]))
         logs = {"undial": loss.item()}
-        if o.retain_weight:
-            retain, retain_logs, retain_flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
-            loss = loss + o.retain_weight * retain
-            logs.update(retain_logs)
-            flops += retain_flops
-        return LossOutput(loss, logs, flops)
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops))

@@ -40,6 +40,7 @@ from typing import Any, Literal, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..corpora import load_saved_dataset
 from ..errors import UndoError
 from ..metrics import model_device
 from .base import Domain, Example, Task
@@ -146,21 +147,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _dataset_records(path: Path, split: Optional[str]) -> Iterator[tuple[str, Any]]:
-    try:
-        import datasets
-    except ModuleNotFoundError:
-        raise UndoError(f"{path}: reading a saved dataset needs the `datasets` package; pip install 'undo[data]'") from None
-    try:
-        data = datasets.load_from_disk(str(path))
-    except Exception as e:  # FileNotFoundError for a plain directory, others for damaged ones
-        raise UndoError(f"{path}: not a dataset saved with save_to_disk ({type(e).__name__}); give {READABLE}") from None
-    if isinstance(data, datasets.DatasetDict):
-        splits = list(data)
-        if split is None and len(splits) == 1:
-            split = splits[0]
-        if split not in data:
-            raise UndoError(f"{path}: a DatasetDict with splits {', '.join(splits)}; name one as {path}@SPLIT")
-        data = data[split]
+    data = load_saved_dataset(path, split, f"name one as {path}@SPLIT", READABLE)
     for i, record in enumerate(data, start=1):
         yield f"{path} row {i}", record
 
