@@ -27,6 +27,7 @@ from .tasks import Task, build_task
 from .tokenization import load_tokenizer, train_tokenizer
 from .training import lm_loss, train
 
+
 def say(message: str) -> None:
     print(f"[undo] {message}", flush=True)
 
@@ -63,7 +64,7 @@ def pretrain_stage(exp: ExperimentConfig, run_dir: Path, which: Literal["base", 
     rows = task_rows(tok, task, examples, exp.pretrain.seq_len)
     stream = BatchStream(rows, exp.pretrain.batch_size, seed=exp.seed, bucket=task.row_format() == "padded")
     say(f"{which}: pretraining {count_params(model) / 1e6:.2f}M params for {exp.pretrain.steps} steps "
-        f"on {len(examples)} examples ({rows['input_ids'].shape[0]} packed rows)")
+        f"on {len(examples)} examples ({rows['input_ids'].shape[0]} rows of {task.row_format()} data)")
     art.resume_dir.parent.mkdir(parents=True, exist_ok=True)
     result = train(model, lm_loss, {"train": stream}, exp.pretrain, seed=exp.seed, resume_dir=art.resume_dir,
                    desc=which)

@@ -159,8 +159,9 @@ def distill_stage(exp, run_dir: Path, name: str, teacher_art: Artifact, student:
     teacher_quick = task.evaluate(teacher, tok, quick=True)
     key_metric = task.retain_metric if task.retain_metric in teacher_quick else task.retain_metric.replace("_ce", "_acc")
     recovered = retain_recovered(cfg.stop_rule, cfg.stop_tolerance, task.higher_is_better, teacher_quick[key_metric])
+    within = f"{cfg.stop_tolerance * 100:g}%" if cfg.stop_rule == "relative" else f"{cfg.stop_tolerance:g}"
     say(f"{name}: distilling into a {student} student (alpha={alpha:g}) for up to {train_cfg.steps} steps; "
-        f"stop when {key_metric} is within {cfg.stop_tolerance:g} of the teacher's {teacher_quick[key_metric]:.3f}")
+        f"stop when {key_metric} is within {within} of the teacher's {teacher_quick[key_metric]:.3f}")
     art.resume_dir.parent.mkdir(parents=True, exist_ok=True)
     result = train(model, distill_loss_fn(teacher, cfg.temperature), {"train": stream}, train_cfg, seed=exp.seed,
                    resume_dir=art.resume_dir, evaluate=lambda m: task.evaluate(m, tok, quick=True),
