@@ -5,7 +5,8 @@
 
 Each claim is printed with the numbers behind it and whether it held. Robustness is the
 attacker's best forget metric over learning rates (worst case) at the final attack step;
-"close to the oracle" means within `--tolerance` of the oracle's (absolute, metric units),
+"close to the oracle" means within `--tolerance` of the oracle's: absolute for accuracies,
+relative (a fraction of the oracle's value) for cross-entropies, whose scale is task-dependent;
 and claim 4 counts only UNDO settings whose retain performance recovered (the stop rule fired).
 The checks are fixed here; they are not tuned to the results.
 """
@@ -47,6 +48,10 @@ def main() -> int:
     rob = {name: robustness(store, name, fm, higher) for name in models}
     # "more robust" = the attacker reaches less forget capability (lower acc / higher CE)
     more_robust = (lambda a, b: a < b) if higher else (lambda a, b: a > b)
+
+    def close(a: float, b: float) -> bool:
+        return abs(a - b) <= (args.tolerance if higher else args.tolerance * abs(b))
+
     oracle_flops = task["oracle_pretrain_flops"]
     undo = sorted((m for m in models.values() if m["kind"] == "undo"), key=lambda m: m["meta"]["alpha"])
     methods = [m for m in models.values() if m["kind"] == "method"]
@@ -59,12 +64,12 @@ def main() -> int:
     if "oracle_matching" in models:
         om = models["oracle_matching"]
         claim("1. Oracle matching behaves like the oracle but relearns much faster than it",
-              more_robust(rob["oracle"], rob["oracle_matching"]) and abs(om["metrics"][fm] - models["oracle"]["metrics"][fm]) <= args.tolerance,
+              more_robust(rob["oracle"], rob["oracle_matching"]) and close(om["metrics"][fm], models["oracle"]["metrics"][fm]),
               f"{fm} before attack: oracle matching {om['metrics'][fm]:.3f}, oracle {models['oracle']['metrics'][fm]:.3f}; "
               f"after attack: oracle matching {rob['oracle_matching']:.3f}, oracle {rob['oracle']:.3f}")
     if "unlearn_distill" in models:
         claim("2. Unlearn-and-distill into a random student relearns about as slowly as the oracle",
-              abs(rob["unlearn_distill"] - rob["oracle"]) <= args.tolerance or more_robust(rob["unlearn_distill"], rob["oracle"]),
+              close(rob["unlearn_distill"], rob["oracle"]) or more_robust(rob["unlearn_distill"], rob["oracle"]),
               f"after attack: unlearn-and-distill {rob['unlearn_distill']:.3f}, oracle {rob['oracle']:.3f} "
               f"(retain {models['unlearn_distill']['metrics'][rm]:.3f} vs oracle {models['oracle']['metrics'][rm]:.3f})")
     if len(undo) >= 2:
@@ -88,12 +93,12 @@ def main() -> int:
             undo = []
     if undo:
         best = min(recovered, key=lambda m: rob[m["name"]]) if higher else max(recovered, key=lambda m: rob[m["name"]])
-        close = abs(rob[best["name"]] - rob["oracle"]) <= args.tolerance
-        methods_far = all(abs(rob[m["name"]] - rob["oracle"]) > args.tolerance for m in methods)
+        near = close(rob[best["name"]], rob["oracle"])
+        methods_far = all(not close(rob[m["name"]], rob["oracle"]) for m in methods)
         frac = best["flops"] / oracle_flops
         claim("4. UNDO's best setting comes close to the oracle's robustness at a fraction of its compute; "
               "the plain methods do not",
-              close and frac < 1.0 and methods_far,
+              near and frac < 1.0 and methods_far,
               f"UNDO alpha {best['meta']['alpha']:g}: {rob[best['name']]:.3f} vs oracle {rob['oracle']:.3f} at "
               f"{frac:.2f} x oracle pretraining compute (retain {best['metrics'][rm]:.3f}; settings that did not "
               f"recover retain are excluded); methods: "
