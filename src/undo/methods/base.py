@@ -17,6 +17,8 @@ their forward passes are reported as `extra_flops` (2 x params x tokens).
 
 from __future__ import annotations
 
+import abc
+
 import difflib
 import importlib
 from typing import Any, Callable, ClassVar, Literal, Optional
@@ -53,7 +55,7 @@ _REGISTRY: dict[str, str] = {
 }
 
 
-class Method:
+class Method(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type]
@@ -91,8 +93,9 @@ class Method:
         """A `train(step_hook=...)` replacement for the plain backward (SAM); None: plain."""
         return None
 
+    @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
-        raise NotImplementedError
+        """The method's loss on one step's batches ({"forget": ..., "retain": ...})."""
 
     def with_retain(self, model: torch.nn.Module, batches: dict[str, Batch], out: LossOutput) -> LossOutput:
         """`out` plus the options' retain term: retain_weight * (CE or KL to the reference) on retain data."""

@@ -15,6 +15,7 @@ comes from optional methods a method asks for by name.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, Literal
 
@@ -29,7 +30,7 @@ class Example:
     completion: str
 
 
-class Task:
+class Task(abc.ABC):
     """Base class for tasks. Subclasses set `name`, `Options` and implement the methods."""
 
     name: ClassVar[str]
@@ -44,15 +45,17 @@ class Task:
         self.options = options
         self.seed = seed
 
+    @abc.abstractmethod
     def train_examples(self, domain: Domain) -> list[Example]:
-        raise NotImplementedError
+        """The training examples of one domain, in a seeded order."""
 
+    @abc.abstractmethod
     def tokenizer_corpus(self) -> list[str]:
-        raise NotImplementedError
+        """Text a tokenizer for this task is trained on."""
 
+    @abc.abstractmethod
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, quick: bool = False) -> dict[str, float]:
         """All metrics; `quick` evaluates a small subset (used for early-stop checks)."""
-        raise NotImplementedError
 
     def loss_on(self) -> Literal["completion", "all"]:
         return getattr(self.options, "loss_on", "all")
