@@ -31,7 +31,7 @@ from .errors import UndoError
 from .losses import forward_kl
 from .models import count_params, fresh_copy, load_model, non_embedding_params
 from .tasks import build_task
-from .training import LossOutput, TrainConfig, train
+from .training import LossOutput, TrainConfig, make_accelerator, train
 
 
 def _distill_default() -> TrainConfig:
@@ -147,7 +147,9 @@ def distill_stage(exp, run_dir: Path, name: str, teacher_art: Artifact, student:
         if student_art is None:
             raise UndoError(f"{name}: student 'model' needs a student checkpoint")
         model, _ = load_model(student_art.model_dir)
-    model.train()
+    acc = make_accelerator(train_cfg)  # the teacher must sit on the same device as the student
+    teacher.to(acc.device)
+    model.to(acc.device).train()
 
     examples = task.train_examples("retain")
     if cfg.data == "mixture":
@@ -165,7 +167,8 @@ def distill_stage(exp, run_dir: Path, name: str, teacher_art: Artifact, student:
     art.resume_dir.parent.mkdir(parents=True, exist_ok=True)
     result = train(model, distill_loss_fn(teacher, cfg.temperature), {"train": stream}, train_cfg, seed=exp.seed,
                    resume_dir=art.resume_dir, evaluate=lambda m: task.evaluate(m, tok, quick=True),
-                   should_stop=lambda m: recovered(m, key_metric), desc=name)
+                   should_stop=lambda m: recovered(m, key_metric), desc=name, accelerator=acc)
+    model = acc.unwrap_model(model)
     t0 = time.time()
     metrics = task.evaluate(model, tok)
     say(f"{name}: {result.steps} steps in {result.wall_seconds:.0f}s "
