@@ -62,6 +62,8 @@ class Method(abc.ABC):
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
     row_format: ClassVar[RowFormat] = "packed"
+    # What the forget loss itself needs; the retain term's needs are added from the options.
+    forget_needs: ClassVar[frozenset[str]] = frozenset({"forget"})
 
     def __init__(self, options: Any, task: Optional[str] = None, seed: int = 0):
         self.options = options
@@ -71,8 +73,12 @@ class Method(abc.ABC):
         self.teacher: Optional[PreTrainedModel] = None
 
     def needs(self) -> frozenset[str]:
-        """What the stage must supply (data streams and frozen models); may depend on options."""
-        return frozenset({"forget"})
+        """What the stage must supply (data streams and frozen models): the forget loss's needs,
+        plus the retain term's for methods whose options have retain_weight/retain_loss."""
+        o = self.options
+        if hasattr(o, "retain_weight") and hasattr(o, "retain_loss"):
+            return self.forget_needs | retain_needs(o.retain_loss, o.retain_weight)
+        return self.forget_needs
 
     def attach(self, reference: Optional[PreTrainedModel] = None, teacher: Optional[PreTrainedModel] = None) -> None:
         """Receive the frozen models named by `needs()`, and only those."""

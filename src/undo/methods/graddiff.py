@@ -8,7 +8,7 @@ import dataclasses
 
 from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of, retain_needs
+from .base import Method, RetainLoss, check_weights, logits_of
 
 
 @dataclasses.dataclass
@@ -27,8 +27,6 @@ class GradDiff(Method):
     task_defaults = {"arithmetic": {"retain_weight": 15.0}, "language": {"retain_weight": 1.0}}
     train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
-    def needs(self):
-        return frozenset({"forget"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
 
     def loss(self, model, batches) -> LossOutput:
         forget_ce = masked_ce(logits_of(model, batches["forget"]), batches["forget"]["labels"])

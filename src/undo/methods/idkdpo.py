@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..losses import sequence_logprob
 from ..tasks.base import Example
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of
 
 IDK_ANSWERS = (
     " I don't know.",
@@ -55,12 +55,10 @@ class IdkDPO(Method):
     name = "idkdpo"
     description = "DPO preferring 'I don't know' over the true forget answer (+ retain term)"
     Options = IdkDPOOptions
+    forget_needs = frozenset({"forget", "idk", "reference"})
     row_format = "padded"
     train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
-    def needs(self):
-        return (frozenset({"forget", "idk", "reference"})
-                | retain_needs(self.options.retain_loss, self.options.retain_weight))
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

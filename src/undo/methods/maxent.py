@@ -12,7 +12,7 @@ import dataclasses
 from ..losses import scored_positions, uniform_kl
 from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of, retain_needs
+from .base import Method, RetainLoss, check_weights, logits_of
 
 
 @dataclasses.dataclass
@@ -32,8 +32,6 @@ class MaxEnt(Method):
     task_defaults = {"wmdp": {"forget_weight": 0.8, "retain_weight": 0.2, "retain_loss": "kl"}}
     train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
-    def needs(self):
-        return frozenset({"forget"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

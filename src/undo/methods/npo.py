@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import sequence_logprob
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of
 
 
 @dataclasses.dataclass
@@ -32,11 +32,10 @@ class NPO(Method):
     name = "npo"
     description = "negative preference optimisation on forget sequences vs. the reference (+ retain term)"
     Options = NPOOptions
+    forget_needs = frozenset({"forget", "reference"})
     row_format = "padded"
     train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
-    def needs(self):
-        return frozenset({"forget", "reference"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

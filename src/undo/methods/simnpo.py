@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import scored_token_counts, sequence_logprob
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of, retain_needs
+from .base import Method, RetainLoss, check_weights, logits_of
 
 
 @dataclasses.dataclass
@@ -33,8 +33,6 @@ class SimNPO(Method):
     row_format = "padded"
     train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
-    def needs(self):
-        return frozenset({"forget"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

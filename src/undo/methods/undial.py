@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import scored_positions, soft_cross_entropy
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of, retain_needs
+from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of
 
 
 @dataclasses.dataclass
@@ -37,10 +37,9 @@ class UNDIAL(Method):
     name = "undial"
     description = "self-distil from the reference with the true token's logit lowered by b (+ retain term)"
     Options = UNDIALOptions
+    forget_needs = frozenset({"forget", "reference"})
     train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
-    def needs(self):
-        return frozenset({"forget", "reference"}) | retain_needs(self.options.retain_loss, self.options.retain_weight)
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options
