@@ -1,6 +1,6 @@
 """Data parallelism: the same training run on 2 processes (torchrun, gloo on CPU) ends
 with the weights of a 1-process run, because the loop shards each global batch by process
-and DDP averages the gradients."""
+and DDP averages the gradients; a whole stage under torchrun writes its artifact once."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str], timeout: float = 120) -> None:
+def run(args: list[str], timeout: float = 180) -> str:
+    """Run a command with one thread per process; its stdout."""
     env = {**os.environ, "UNDO_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def test_two_processes_match_one(tmp_path):
@@ -43,3 +45,67 @@ def test_two_processes_match_one(tmp_path):
     assert a.keys() == b.keys()
     for key in a:                                    # ... to the same place, up to float summation order
         assert torch.allclose(a[key], b[key], atol=2e-5, rtol=0), (key, (a[key] - b[key]).abs().max().item())
+
+
+def test_two_process_unlearn_stage_equals_one_process_with_accumulation(tmp_path):
+    """`undo unlearn` under torchrun: 2 processes x accumulation 1 split each global batch into
+    the same micro-batches as 1 process x accumulation 2 (padded rows of different lengths,
+    answer-only loss, a retain stream and a frozen reference model), so both runs end with
+    the same weights and metrics; the artifact is written once and the table printed once."""
+    from undo.config import from_dict
+    from undo.experiment import ExperimentConfig
+    from undo.pipeline import pretrain_stage
+
+    raw = {"name": "ddp", "seed": 0,
+           "task": {"name": "arithmetic", "options": {"examples_per_operation": 60, "eval_per_format": 6}},
+           "model": {"preset": "tiny"}, "tokenizer": {"kind": "bpe", "vocab_size": 300},
+           "pretrain": {"steps": 30, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "checkpoint_every": 0}}
+    config = tmp_path / "exp.json"
+    config.write_text(json.dumps(raw))
+    base = pretrain_stage(from_dict(ExperimentConfig, raw), tmp_path / "run", "base")
+    unlearn = ["-m", "undo.cli", "unlearn", "--method", "graddiff", "--model", str(base.dir), str(config),
+               "--set", "method.retain_loss=kl", "--set", "train.steps=6", "--set", "train.batch_size=8",
+               "--set", "train.seq_len=64", "--set", "train.lr=3e-3", "--set", "train.eval_every=3",
+               "--set", "train.checkpoint_every=2"]
+    one_out = run([sys.executable, *unlearn, "--set", "train.grad_accum=2", "--out", str(tmp_path / "one")])
+    two_out = run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                   *unlearn, "--set", "train.grad_accum=1", "--out", str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / "unlearn" / "graddiff" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "unlearn" / "graddiff" / "result.json").read_text())
+    assert one["frozen_models_loaded"] == two["frozen_models_loaded"] == ["reference"]
+    assert one["tokens"] == two["tokens"] and one["steps"] == two["steps"] == 6
+    assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]] == [0, 3, 6]
+    for key, value in one["metrics"].items():
+        assert abs(value - two["metrics"][key]) < 1e-4, (key, value, two["metrics"][key])
+    a = load_file(str(tmp_path / "one" / "unlearn" / "graddiff" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "unlearn" / "graddiff" / "model" / "model.safetensors"))
+    before = load_file(str(base.model_dir / "model.safetensors"))
+    assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-3   # unlearning moved the weights
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=2e-5, rtol=0), (key, (a[key] - b[key]).abs().max().item())
+    assert not list((tmp_path / "two" / "unlearn").glob("*.partial"))
+    assert not (tmp_path / "two" / "unlearn" / "graddiff.resume").exists()
+    assert two_out.count("unlearn graddiff: graddiff for 6 steps") == 1 == one_out.count("unlearn graddiff: graddiff for 6 steps")
+
+
+def test_a_launch_that_does_not_match_the_machine_is_one_line(monkeypatch, capsys):
+    from undo import distributed
+    from undo.cli import main
+    from undo.errors import UndoError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    try:
+        distributed.check_devices()
+        raise AssertionError("4 processes on a 1-GPU node were accepted")
+    except UndoError as e:
+        assert "4 processes" in str(e) and "--num_processes 1" in str(e)
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["presets"]) == 2   # refused before any process group is formed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FSDP" in err[0] and "GPU" in err[0]

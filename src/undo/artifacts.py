@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import __version__
+from . import __version__, distributed
 from .errors import UndoError
 
 
@@ -60,13 +60,23 @@ class Artifact:
         return result is not None and result.get("key") == key
 
     def write(self, key: str, sidecar: dict[str, Any], model: Optional[PreTrainedModel] = None,
-              tokenizer: Optional[PreTrainedTokenizerBase] = None, extra_files: Optional[dict[str, str]] = None) -> None:
-        """Write the whole artifact to `<stage>.partial` and move it into place in one rename."""
+              tokenizer: Optional[PreTrainedTokenizerBase] = None, extra_files: Optional[dict[str, str]] = None,
+              state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write the whole artifact to `<stage>.partial` and move it into place in one rename.
+
+        Every process of a multi-process run calls this; the main one writes (with
+        `state_dict`, the gathered weights of a sharded model, when given) and the
+        others wait until the artifact is in place."""
+        if distributed.is_main_process():
+            self._write(key, sidecar, model, tokenizer, extra_files, state_dict)
+        distributed.barrier()
+
+    def _write(self, key, sidecar, model, tokenizer, extra_files, state_dict) -> None:
         tmp = self.partial_dir
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if model is not None:
-            model.save_pretrained(str(tmp / "model"), safe_serialization=True)
+            model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / "model"))
         for name, text in (extra_files or {}).items():

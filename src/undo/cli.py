@@ -231,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from . import distributed
+
+        distributed.init()  # under accelerate launch / torchrun: join the group before any stage
+        if not distributed.is_main_process():  # one copy of every table and path, from the main process
+            sys.stdout = open(os.devnull, "w")
         return args.func(args) or 0
     except UndoError as e:
         print(f"undo: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ import yaml
 
 from transformers import PreTrainedTokenizerBase
 
+from . import distributed
 from .artifacts import Artifact
 from .config import config_hash, to_dict
 from .errors import UndoError
@@ -29,7 +30,8 @@ from .training import lm_loss, train
 
 
 def say(message: str) -> None:
-    print(f"[undo] {message}", flush=True)
+    if distributed.is_main_process():
+        print(f"[undo] {message}", flush=True)
 
 
 def make_tokenizer(exp: ExperimentConfig, task: Task) -> PreTrainedTokenizerBase:
@@ -76,7 +78,7 @@ def pretrain_stage(exp: ExperimentConfig, run_dir: Path, which: Literal["base", 
         "flops": result.flops, "tokens": result.tokens, "steps": result.steps,
         "wall_seconds": result.wall_seconds, "eval_seconds": time.time() - t0,
         "params": count_params(model), "final_loss": result.final_loss,
-    }, model=model, tokenizer=tok)
+    }, model=model, tokenizer=tok, state_dict=result.full_state_dict)
     return art
 
 
@@ -122,11 +124,14 @@ def run_experiment(exp: ExperimentConfig, run_dir: Path) -> Path:
     from .store import ResultStore
     from .undo import distill_stage
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
+    distributed.init()
+    main = distributed.is_main_process()  # several processes: all train, the main one records
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
     clock = StageClock()
     task = build_task(exp.task, exp.seed)
-    store = ResultStore(run_dir / "results.sqlite")
+    store = ResultStore(run_dir / "results.sqlite") if main else _Discard()
 
     def timed(stage: str, fn, *args, **kwargs):
         t0 = time.time()
@@ -190,12 +195,22 @@ def run_experiment(exp: ExperimentConfig, run_dir: Path) -> Path:
     task_info = {"name": task.name, "forget_metric": task.forget_metric, "retain_metric": task.retain_metric,
                  "higher_is_better": task.higher_is_better, "metric_label": task.metric_label,
                  "oracle_pretrain_flops": oracle_info["flops"]}
-    (run_dir / "task.json").write_text(json.dumps(task_info))
-    report = write_report(run_dir, store, task_info)
-    print(summary_text(store, task_info))
-    print(clock.table())
-    print(f"report: {report}")
+    report = run_dir / "report" / "index.html"
+    if main:
+        (run_dir / "task.json").write_text(json.dumps(task_info))
+        report = write_report(run_dir, store, task_info)
+        print(summary_text(store, task_info))
+        print(clock.table())
+        print(f"report: {report}")
+    distributed.barrier()
     return report
+
+
+class _Discard:
+    """The results store of a non-main process: records nothing (the main process records)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 def _choose_teacher(exp, task, base_info, method_results, select_teacher) -> Optional[str]:

@@ -27,8 +27,11 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import BatchStream
 from .errors import UndoError
 from .metrics import masked_ce
@@ -87,6 +90,9 @@ class TrainResult:
     history: list[dict[str, Any]]       # evaluations: {"step": k, **metrics}
     stopped_early: bool
     final_loss: float
+    # FSDP only: the full weights gathered from every shard, for the main process to save
+    # (`Artifact.write(state_dict=...)`); None when the model object holds them itself.
+    full_state_dict: Optional[dict[str, torch.Tensor]] = None
 
 
 def lm_loss(model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
@@ -114,13 +120,21 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """A fresh accelerator for one stage (stages may differ in mixed precision); the
+    process group of a multi-process launch is kept."""
     mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mp == "auto":  # the launcher's choice (accelerate config), else bf16 where the GPU has it
+        mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+            "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     # Several processes without a GPU (torchrun on CPU): accelerate forms a gloo process
     # group only when told it is on CPU; otherwise each process would train alone.
-    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mp, cpu=cpu_group)
+    cpu_group = not torch.cuda.is_available() and distributed.world_size() > 1
+    distributed.check_devices()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        return Accelerator(mixed_precision=mp, cpu=cpu_group)
+    except ValueError as e:  # accelerate's own complaint about the launch config, e.g. fp16 without a GPU
+        raise UndoError(f"accelerate cannot start with this configuration: {e}") from None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -229,21 +243,25 @@ def train(
     def run_eval(step: int) -> Optional[dict[str, float]]:
         if evaluate is None:
             return None
-        metrics = evaluate(acc.unwrap_model(model))
+        # Every process evaluates; the main process's numbers decide, so early stops agree.
+        metrics = distributed.broadcast(evaluate(acc.unwrap_model(model)))
         history.append({"step": step, **metrics})
         return metrics
 
     rank, world = acc.process_index, acc.num_processes
-    micro = cfg.batch_size // cfg.grad_accum
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise UndoError(f"{desc}: batch_size {cfg.batch_size} does not split into grad_accum ({cfg.grad_accum}) x "
+                        f"processes ({world}) equal micro-batches; choose a batch_size divisible by {cfg.grad_accum * world}")
+    micro = cfg.batch_size // (cfg.grad_accum * world)
 
     def micro_batches(step: int, k: int) -> dict[str, Batch]:
+        # Micro-batch k*world + rank of the step's global batch: W processes with accumulation
+        # K split it exactly as 1 process with accumulation W*K does, so the two runs agree.
+        i = k * world + rank
         out = {}
         for name, stream in streams.items():
             full = stream.batch(step)
-            rows = {key: v[k * micro:(k + 1) * micro] for key, v in full.items()}
-            if world > 1:  # each process takes its share of the global batch
-                rows = {key: v[rank::world] for key, v in rows.items()}
-            out[name] = {key: v.to(acc.device) for key, v in rows.items()}
+            out[name] = {key: v[i * micro:(i + 1) * micro].to(acc.device) for key, v in full.items()}
         return out
 
     t0 = time.time()
@@ -305,5 +323,6 @@ def train(
     if cfg.gradient_checkpointing:  # a setting of this run, not of the model it leaves behind
         set_activation_checkpointing(acc.unwrap_model(model), False, desc)
     wall = elapsed + time.time() - t0
+    gathered = acc.get_state_dict(model) if acc.distributed_type == DistributedType.FSDP else None  # a collective
     return TrainResult(steps=step, tokens=tokens, flops=flops, wall_seconds=wall, history=history,
-                       stopped_early=stopped_early, final_loss=last_loss)
+                       stopped_early=stopped_early, final_loss=last_loss, full_state_dict=gathered)

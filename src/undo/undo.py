@@ -180,5 +180,5 @@ def distill_stage(exp, run_dir: Path, name: str, teacher_art: Artifact, student:
         "teacher_quick_metrics": teacher_quick, "history": result.history, "flops": result.flops,
         "tokens": result.tokens, "steps": result.steps, "recovered": result.stopped_early,
         "wall_seconds": result.wall_seconds, "eval_seconds": time.time() - t0, "params": count_params(model),
-    }, model=model, tokenizer=tok)
+    }, model=model, tokenizer=tok, state_dict=result.full_state_dict)
     return art

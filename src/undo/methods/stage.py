@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import distributed
 from ..artifacts import Artifact, ModelDir, source_key
 from ..config import config_hash, from_dict, to_dict
 from ..data import BatchStream, pad_batch, task_rows
@@ -137,7 +138,7 @@ def unlearn_stage(exp: ExperimentConfig, run_dir: Path, run: MethodRun, model_ar
         f"{sum(p.numel() for p in params) / 1e6:.2f}M of {count_params(model) / 1e6:.2f}M params"
         + (f"; frozen: {', '.join(loaded)}" if loaded else ""))
     resume = art.resume_dir / key
-    if art.resume_dir.exists():  # resume points of other configs under this name are stale
+    if art.resume_dir.exists() and distributed.is_main_process():  # resume points of other configs are stale
         for stale in art.resume_dir.iterdir():
             if stale.name not in (key, key + ".tmp", key + ".old"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -167,7 +168,7 @@ def unlearn_stage(exp: ExperimentConfig, run_dir: Path, run: MethodRun, model_ar
         "flops": result.flops, "tokens": result.tokens, "steps": result.steps,
         "wall_seconds": result.wall_seconds, "eval_seconds": eval_seconds, "history": result.history,
         "trainable_params": sum(p.numel() for p in params), "final_loss": result.final_loss,
-    }, model=model, tokenizer=tok)
+    }, model=model, tokenizer=tok, state_dict=result.full_state_dict)
     return art
 
 
