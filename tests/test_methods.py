@@ -21,6 +21,7 @@ from undo.methods.base import NEEDS
 from undo.methods.config import MethodRun, UnlearnConfig
 from undo.methods.rmu import default_layers
 from undo.methods.stage import select_teacher, sweep_runs
+from undo.models import non_embedding_params
 
 IGNORE = -100
 V = 6
@@ -377,6 +378,12 @@ def test_rmu_loss_matches_full_forward_hidden_states_and_skips_later_layers():
     assert out.loss.item() == pytest.approx(forget_mse + 5.0 * retain_mse, rel=1e-4)
     through_l = sum(p.numel() for p in arch.decoder_layers(reference)[:3].parameters())
     assert out.extra_flops == 2.0 * through_l * LLAMA_BATCH["input_ids"].numel()
+    # The trained model: forward through L, activation gradients over layers 1..2 (the first
+    # trained layer to L), weight gradients for the two down-projections; forget + retain tokens.
+    span = sum(p.numel() for p in arch.decoder_layers(model)[1:3].parameters())
+    down = sum(arch.mlp_down(model, i).weight.numel() for i in (1, 2))
+    assert out.train_flops == (2.0 * through_l + 2.0 * span + 2.0 * down) * 2 * LLAMA_BATCH["input_ids"].numel()
+    assert out.train_flops < 6.0 * non_embedding_params(model) * 2 * LLAMA_BATCH["input_ids"].numel()
 
 
 def test_rmu_layer_out_of_range_and_layers_after_l_are_errors():

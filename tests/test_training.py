@@ -115,3 +115,16 @@ def test_flops_are_six_n_tokens(setup):
     tok, rows = setup
     model, result = _train(tok, rows, 2)
     assert result.flops == pytest.approx(6 * non_embedding_params(model) * result.tokens)
+
+
+def test_a_loss_that_knows_its_cost_replaces_six_n_tokens(setup):
+    # Methods whose forward stops early (RMU) report their own cost; frozen forwards add on top.
+    tok, rows = setup
+
+    def priced(model, batches):
+        return LossOutput(lm_loss(model, batches).loss, train_flops=1000.0, extra_flops=7.0)
+
+    model = build_model(ModelConfig(preset="tiny"), tok, seed=0)
+    result = train(model, priced, {"train": BatchStream(rows, 8, seed=0)},
+                   TrainConfig(steps=3, batch_size=8, grad_accum=2, checkpoint_every=0), seed=0)
+    assert result.flops == 3 * 2 * (1000.0 + 7.0)

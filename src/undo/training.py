@@ -76,6 +76,9 @@ class LossOutput:
     loss: torch.Tensor
     logs: dict[str, float] = dataclasses.field(default_factory=dict)
     extra_flops: float = 0.0      # forward passes of frozen models (teacher, reference): 2 x params x tokens
+    # The trained model's forward + backward cost when it is not 6 x params x tokens (a forward
+    # truncated after one layer, a backward that stops at the first trained layer); None: 6NT.
+    train_flops: Optional[float] = None
 
 
 LossFn = Callable[[torch.nn.Module, dict[str, Batch]], LossOutput]
@@ -295,9 +298,10 @@ def train(
                                 f"(now {cfg.lr:g}) or the number of steps. Nothing was saved from this run.")
             logs = {key: logs.get(key, 0.0) + v / cfg.grad_accum for key, v in out.logs.items()}
             last_loss = loss_value
-            step_tokens = sum(b["input_ids"].numel() for b in batches.values()) * world
-            tokens += step_tokens
-            flops += 6.0 * n_params * step_tokens + out.extra_flops * world
+            local_tokens = sum(b["input_ids"].numel() for b in batches.values())
+            tokens += local_tokens * world
+            train_flops = 6.0 * n_params * local_tokens if out.train_flops is None else out.train_flops
+            flops += (train_flops + out.extra_flops) * world
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()

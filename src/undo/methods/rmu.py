@@ -94,7 +94,8 @@ class RMU(Method):
         h = arch.residual_stream(model, self.layer, forget["input_ids"], forget["attention_mask"])
         target = o.steering_coef * self.direction(h.shape[-1], h)
         forget_mse = masked_mse(h, target, forget["attention_mask"].bool())
-        loss, logs, flops = forget_mse, {"forget_mse": forget_mse.item()}, 0.0
+        loss, logs, frozen_flops = forget_mse, {"forget_mse": forget_mse.item()}, 0.0
+        tokens = forget["input_ids"].numel()
         if o.retain:
             retain = batches["retain"]
             with torch.no_grad():
@@ -103,10 +104,18 @@ class RMU(Method):
             retain_mse = masked_mse(h_retain, h_ref, retain["attention_mask"].bool())
             loss = loss + o.retain_weight * retain_mse
             logs["retain_mse"] = retain_mse.item()
-            flops = 2.0 * self._params_through_layer() * retain["input_ids"].numel()
-        return LossOutput(loss, logs, flops)
+            frozen_flops = self.forward_flops_per_token(self.reference) * retain["input_ids"].numel()
+            tokens += retain["input_ids"].numel()
+        return LossOutput(loss, logs, frozen_flops, train_flops=self.train_flops_per_token(model) * tokens)
 
-    def _params_through_layer(self) -> int:
-        # A truncated forward does the matmuls of layers 0..L only (no LM head).
-        layers = arch.decoder_layers(self.reference)[: self.layer + 1]
-        return sum(p.numel() for p in layers.parameters())
+    def forward_flops_per_token(self, model) -> float:
+        """A forward truncated after layer L does the matmuls of layers 0..L only (no LM head)."""
+        return 2.0 * sum(p.numel() for p in arch.decoder_layers(model)[: self.layer + 1].parameters())
+
+    def train_flops_per_token(self, model) -> float:
+        """Forward to L, activation gradients back from L to the first trained layer, and weight
+        gradients for the trained down-projections only (2 FLOPs per parameter each)."""
+        layers = arch.decoder_layers(model)
+        backward_span = sum(p.numel() for p in layers[min(self.layers): self.layer + 1].parameters())
+        trained = sum(p.numel() for i in self.layers for p in arch.mlp_down(model, i).parameters())
+        return self.forward_flops_per_token(model) + 2.0 * backward_span + 2.0 * trained
