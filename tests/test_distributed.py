@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -31,62 +32,88 @@ def run(args: list[str], timeout: float = 180) -> str:
     return done.stdout
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, sharding):
     run([sys.executable, str(SCRIPT), str(tmp_path / "one")])
     run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(tmp_path / "two")])
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(tmp_path / "two"),
+         *(["fsdp"] if sharding == "fsdp" else [])])
     one = json.loads((tmp_path / "one" / "run.json").read_text())
     two = json.loads((tmp_path / "two" / "run.json").read_text())
     assert (one["world"], two["world"]) == (1, 2)   # the 2-process run really formed a group
     assert one["tokens"] == two["tokens"] == 4 * 8 * 16 and one["steps"] == two["steps"] == 4
     assert one["max_weight_change"] > 1e-2           # training moved the weights ...
     a = load_file(str(tmp_path / "one" / "weights.safetensors"))
-    b = load_file(str(tmp_path / "two" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "weights.safetensors"))  # FSDP: gathered from both shards
     assert a.keys() == b.keys()
     for key in a:                                    # ... to the same place, up to float summation order
         assert torch.allclose(a[key], b[key], atol=2e-5, rtol=0), (key, (a[key] - b[key]).abs().max().item())
 
 
-def test_two_process_unlearn_stage_equals_one_process_with_accumulation(tmp_path):
-    """`undo unlearn` under torchrun: 2 processes x accumulation 1 split each global batch into
-    the same micro-batches as 1 process x accumulation 2 (padded rows of different lengths,
-    answer-only loss, a retain stream and a frozen reference model), so both runs end with
-    the same weights and metrics; the artifact is written once and the table printed once."""
+FSDP_CLI = Path(__file__).parent / "fixtures" / "fsdp_cli.py"
+SETTINGS = ["--set", "train.steps=6", "--set", "train.batch_size=8", "--set", "train.seq_len=64",
+            "--set", "train.lr=3e-3", "--set", "train.eval_every=3", "--set", "train.checkpoint_every=2"]
+STAGES = {  # command, where its artifact lands
+    "graddiff": (["unlearn", "--method", "graddiff", "--set", "method.retain_loss=kl", *SETTINGS], "unlearn/graddiff"),
+    "rmu": (["unlearn", "--method", "rmu", "--set", "method.retain=true", *SETTINGS], "unlearn/rmu"),
+    "distill": (["distill", "--alpha", "0.5", "--set", "undo.stop_rule=none",
+                 *(a.replace("train.", "undo.distill.") for a in SETTINGS)], "undo_a0.5"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
     from undo.config import from_dict
     from undo.experiment import ExperimentConfig
     from undo.pipeline import pretrain_stage
 
+    tmp = tmp_path_factory.mktemp("base")
     raw = {"name": "ddp", "seed": 0,
            "task": {"name": "arithmetic", "options": {"examples_per_operation": 60, "eval_per_format": 6}},
            "model": {"preset": "tiny"}, "tokenizer": {"kind": "bpe", "vocab_size": 300},
            "pretrain": {"steps": 30, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "checkpoint_every": 0}}
-    config = tmp_path / "exp.json"
-    config.write_text(json.dumps(raw))
-    base = pretrain_stage(from_dict(ExperimentConfig, raw), tmp_path / "run", "base")
-    unlearn = ["-m", "undo.cli", "unlearn", "--method", "graddiff", "--model", str(base.dir), str(config),
-               "--set", "method.retain_loss=kl", "--set", "train.steps=6", "--set", "train.batch_size=8",
-               "--set", "train.seq_len=64", "--set", "train.lr=3e-3", "--set", "train.eval_every=3",
-               "--set", "train.checkpoint_every=2"]
-    one_out = run([sys.executable, *unlearn, "--set", "train.grad_accum=2", "--out", str(tmp_path / "one")])
+    (tmp / "exp.json").write_text(json.dumps(raw))
+    return tmp / "exp.json", pretrain_stage(from_dict(ExperimentConfig, raw), tmp / "run", "base")
+
+
+@pytest.mark.parametrize("sharding,stage", [("ddp", "graddiff"), ("fsdp", "graddiff"), ("fsdp", "rmu"),
+                                            ("fsdp", "distill")])
+def test_two_process_stage_equals_one_process_with_accumulation(tmp_path, tiny_base, sharding, stage):
+    """A whole stage under torchrun: 2 processes x accumulation 1 split each global batch into
+    the same micro-batches as 1 process x accumulation 2 (padded rows of different lengths,
+    answer-only loss, retain streams, frozen reference/teacher models replicated on each
+    process, resume points every 2 steps, distillation's warmup + cosine schedule), so both
+    runs end with the same weights and metrics; the artifact is written once and the
+    stage's table printed once. FSDP shards the trained model with FSDP2 (forced on CPU,
+    see fixtures/fsdp_cli.py)."""
+    config, base = tiny_base
+    command, where = STAGES[stage]
+    model_flag = ["--teacher" if stage == "distill" else "--model", str(base.dir)]
+    args = [*command, *model_flag, str(config)]
+    accum = "undo.distill.grad_accum" if stage == "distill" else "train.grad_accum"
+    one_out = run([sys.executable, "-m", "undo.cli", *args, "--set", f"{accum}=2", "--run-dir", str(tmp_path / "one")])
+    launcher = [str(FSDP_CLI)] if sharding == "fsdp" else ["-m", "undo.cli"]
     two_out = run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                   *unlearn, "--set", "train.grad_accum=1", "--out", str(tmp_path / "two")])
-    one = json.loads((tmp_path / "one" / "unlearn" / "graddiff" / "result.json").read_text())
-    two = json.loads((tmp_path / "two" / "unlearn" / "graddiff" / "result.json").read_text())
-    assert one["frozen_models_loaded"] == two["frozen_models_loaded"] == ["reference"]
+                   *launcher, *args, "--set", f"{accum}=1", "--run-dir", str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / where / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / where / "result.json").read_text())
+    assert one.get("frozen_models_loaded") == two.get("frozen_models_loaded")
     assert one["tokens"] == two["tokens"] and one["steps"] == two["steps"] == 6
     assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]] == [0, 3, 6]
     for key, value in one["metrics"].items():
         assert abs(value - two["metrics"][key]) < 1e-4, (key, value, two["metrics"][key])
-    a = load_file(str(tmp_path / "one" / "unlearn" / "graddiff" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "unlearn" / "graddiff" / "model" / "model.safetensors"))
+    a = load_file(str(tmp_path / "one" / where / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / where / "model" / "model.safetensors"))
     before = load_file(str(base.model_dir / "model.safetensors"))
-    assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-3   # unlearning moved the weights
+    assert a.keys() == b.keys()                       # a tied head saved once in both
+    assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-3   # the stage moved the weights
     for key in a:
         assert torch.allclose(a[key], b[key], atol=2e-5, rtol=0), (key, (a[key] - b[key]).abs().max().item())
-    assert not list((tmp_path / "two" / "unlearn").glob("*.partial"))
-    assert not (tmp_path / "two" / "unlearn" / "graddiff.resume").exists()
-    assert two_out.count("unlearn graddiff: graddiff for 6 steps") == 1 == one_out.count("unlearn graddiff: graddiff for 6 steps")
+    assert not list((tmp_path / "two").rglob("*.partial")) and not list((tmp_path / "two").rglob("*.resume"))
+    path_line = [line for line in two_out.splitlines() if "model" in line and str(tmp_path / "two") in line]
+    assert len(path_line) == 1, two_out           # printed by the main process only
+    assert len([line for line in one_out.splitlines() if "model" in line and str(tmp_path / "one") in line]) == 1
 
 
 def test_a_launch_that_does_not_match_the_machine_is_one_line(monkeypatch, capsys):

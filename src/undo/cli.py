@@ -230,19 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        from . import distributed
+    from . import distributed
 
+    ok = False
+    try:
         distributed.init()  # under accelerate launch / torchrun: join the group before any stage
         if not distributed.is_main_process():  # one copy of every table and path, from the main process
             sys.stdout = open(os.devnull, "w")
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        ok = True
+        return code
     except UndoError as e:
         print(f"undo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("undo: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown(ok)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,13 @@ def broadcast(obj: T) -> T:
     box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shutdown(ok: bool) -> None:
+    """Leave the process group at the end of a command. After success, wait for the others
+    first: a process that exits while the group is still in use can abort (SIGABRT in gloo)."""
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -31,7 +31,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import arch, distributed
 from .data import BatchStream
 from .errors import UndoError
 from .metrics import masked_ce
@@ -135,7 +135,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     distributed.check_devices()
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return Accelerator(mixed_precision=mp, cpu=cpu_group)
+        # step_scheduler_with_optimizer=False: our batch_size is the global batch, so the schedule
+        # advances once per step; accelerate's default steps it once per process.
+        return Accelerator(mixed_precision=mp, cpu=cpu_group, step_scheduler_with_optimizer=False)
     except ValueError as e:  # accelerate's own complaint about the launch config, e.g. fp16 without a GPU
         raise UndoError(f"accelerate cannot start with this configuration: {e}") from None
 
@@ -212,6 +214,9 @@ def train(
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(model, True, desc)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # FSDP replaces the parameters with sharded ones and points the optimizer at them;
+    # clipping must see those, not the tensors collected before `prepare`.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     forward_model = torch.compile(model) if cfg.compile else model
 
     n_params = non_embedding_params(acc.unwrap_model(model))
@@ -226,12 +231,16 @@ def train(
     def save_resume_point(step: int) -> None:
         if resume_dir is None:
             return
-        acc.wait_for_everyone()
+        tmp = resume_dir.with_name(resume_dir.name + ".tmp")
         if acc.is_main_process:
-            tmp = resume_dir.with_name(resume_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            acc.save_state(str(tmp / "accelerate"), safe_serialization=False)
+            (tmp / "accelerate").mkdir(parents=True)  # before anyone writes into it
+        acc.wait_for_everyone()
+        # Every process: under FSDP each writes its own shard (a collective); under DDP
+        # accelerate writes the weights from the main process and each process its RNG.
+        acc.save_state(str(tmp / "accelerate"), safe_serialization=False)
+        acc.wait_for_everyone()  # all have written before the main process moves the directory
+        if acc.is_main_process:
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "flops": flops,
                                                         "history": history, "elapsed": elapsed + time.time() - t0}))
@@ -327,6 +336,11 @@ def train(
     if cfg.gradient_checkpointing:  # a setting of this run, not of the model it leaves behind
         set_activation_checkpointing(acc.unwrap_model(model), False, desc)
     wall = elapsed + time.time() - t0
-    gathered = acc.get_state_dict(model) if acc.distributed_type == DistributedType.FSDP else None  # a collective
+    gathered = None
+    if acc.distributed_type == DistributedType.FSDP:
+        gathered = acc.get_state_dict(model)  # a collective: every process takes part, the main one gets the weights
+        for group in arch.tied_parameters(model):  # a tied head is one tensor: saved once, as save_pretrained does
+            for name in group[1:]:
+                gathered.pop(name, None)
     return TrainResult(steps=step, tokens=tokens, flops=flops, wall_seconds=wall, history=history,
                        stopped_early=stopped_early, final_loss=last_loss, full_state_dict=gathered)
