@@ -32,18 +32,25 @@ def run(args: list[str], timeout: float = 180) -> str:
     return done.stdout
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    run([sys.executable, str(SCRIPT), str(out)])
+    return out
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, sharding):
-    run([sys.executable, str(SCRIPT), str(tmp_path / "one")])
+@pytest.mark.parametrize("resumed", [False, True], ids=["straight", "resumed"])
+def test_two_processes_match_one(tmp_path, one_process_run, sharding, resumed):
     run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(tmp_path / "two"),
-         *(["fsdp"] if sharding == "fsdp" else [])])
-    one = json.loads((tmp_path / "one" / "run.json").read_text())
+         *(["fsdp"] if sharding == "fsdp" else []), *(["resume"] if resumed else [])])
+    one = json.loads((one_process_run / "run.json").read_text())
     two = json.loads((tmp_path / "two" / "run.json").read_text())
     assert (one["world"], two["world"]) == (1, 2)   # the 2-process run really formed a group
-    assert one["tokens"] == two["tokens"] == 4 * 8 * 16 and one["steps"] == two["steps"] == 4
+    assert one["tokens"] == two["tokens"] == 6 * 8 * 16 and one["steps"] == two["steps"] == 6
     assert one["max_weight_change"] > 1e-2           # training moved the weights ...
-    a = load_file(str(tmp_path / "one" / "weights.safetensors"))
+    a = load_file(str(one_process_run / "weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "weights.safetensors"))  # FSDP: gathered from both shards
     assert a.keys() == b.keys()
     for key in a:                                    # ... to the same place, up to float summation order

@@ -75,3 +75,26 @@ def test_killed_run_resumes_to_the_same_numbers(quick_run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert _models(target) == _models(run_dir), f"killed after {delay:.1f}s"
     assert _attacks(target) == _attacks(run_dir)
+
+
+def test_quick_pipeline_on_two_processes_records_once(quick_run, tmp_path):
+    """`undo run quick` under torchrun (2 CPU processes, gloo): every stage trains on both,
+    the main process alone writes the results store and the report, and the store has
+    the same models and attack points as the 1-process run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "UNDO_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           "-m", "undo.cli", "run", "quick", "--run-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("report: ") == 1 and done.stdout.count("UNDO teacher: ") == 1
+    one_dir, _ = quick_run
+    assert set(_models(tmp_path)) == set(_models(one_dir))
+    assert [row[:3] for row in _attacks(tmp_path)] == [row[:3] for row in _attacks(one_dir)]
+    assert (tmp_path / "report" / "index.html").exists()
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob("*.resume"))

@@ -232,22 +232,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import distributed
 
-    ok = False
+    code = 1
     try:
         distributed.init()  # under accelerate launch / torchrun: join the group before any stage
         if not distributed.is_main_process():  # one copy of every table and path, from the main process
             sys.stdout = open(os.devnull, "w")
         code = args.func(args) or 0
-        ok = True
-        return code
     except UndoError as e:
         print(f"undo: error: {e}", file=sys.stderr)
-        return e.exit_code
+        code = e.exit_code
     except KeyboardInterrupt:
         print("undo: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    finally:
-        distributed.shutdown(ok)
+        code = 130
+    if distributed.shutdown(ok=code == 0):
+        distributed.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

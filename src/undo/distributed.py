@@ -10,6 +10,7 @@ process writes artifacts, the results store and the report. Runs on several node
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, TypeVar
 
 import torch
@@ -67,11 +68,21 @@ def broadcast(obj: T) -> T:
     return box[0]
 
 
-def shutdown(ok: bool) -> None:
-    """Leave the process group at the end of a command. After success, wait for the others
-    first: a process that exits while the group is still in use can abort (SIGABRT in gloo)."""
+def shutdown(ok: bool) -> bool:
+    """Leave the process group at the end of a command (after success, all together);
+    returns whether there was one. A process that leaves the group may still abort at
+    interpreter exit (gloo threads held by DDP/FSDP modules, SIGABRT), so callers end
+    such a process with `exit_now`."""
     if not dist.is_initialized():
-        return
+        return False
     if ok:
         dist.barrier()
     dist.destroy_process_group()
+    return True
+
+
+def exit_now(code: int) -> None:
+    """End the process without interpreter teardown (all files are closed by now)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -56,7 +56,7 @@ class TrainConfig:
     grad_accum: int = 1           # micro-batches per step (batch_size must divide evenly)
     eval_every: int = 0           # 0: evaluate only at the end
     checkpoint_every: int = 100   # resume points (0: none)
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: the launcher's, else bf16 on GPU, fp32 on CPU
     compile: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
@@ -301,7 +301,8 @@ def train(
                 else:
                     out = loss_fn(forward_model, batches)
                     acc.backward(out.loss / cfg.grad_accum)
-            loss_value = out.loss.item()
+            # Several processes: the mean over processes, so that all of them see a NaN and stop together.
+            loss_value = (acc.reduce(out.loss.detach(), "mean") if world > 1 else out.loss).item()
             if not math.isfinite(loss_value):
                 raise UndoError(f"{desc}: loss became {loss_value} at step {step}; lower the learning rate "
                                 f"(now {cfg.lr:g}) or the number of steps. Nothing was saved from this run.")
