@@ -435,3 +435,26 @@ def test_repnoise_loss_matches_its_parts():
     assert out.logs["mmd"] == pytest.approx(mmd, rel=1e-4)
     assert out.logs["forget_ce_layers"] == pytest.approx(forget_ce, rel=1e-4)
     assert out.loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_task_vector_subtracts_the_finetuning_change_scaled():
+    model = tiny_llama(2)
+    method = build_method("task_vector", {"scale": 0.5})
+    frozen = arch.decoder_layers(model)[0].self_attn.q_proj.weight
+    frozen.requires_grad_(False)                     # not trained: never edited
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method.start(model, {})
+    out = method.loss(model, {"forget": LLAMA_BATCH})
+    with torch.no_grad():                            # plain finetuning on forget: CE of the scored tokens
+        logits = model(input_ids=LLAMA_BATCH["input_ids"], attention_mask=LLAMA_BATCH["attention_mask"]).logits
+    terms = [-log_softmax(logits[r, t].tolist())[y] for r, t, y in scored(LLAMA_BATCH)]
+    assert out.loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    deltas = {}
+    with torch.no_grad():                            # stands in for the training run
+        for n, p in model.named_parameters():
+            deltas[n] = torch.randn_like(p) * 0.1
+            p.add_(deltas[n])
+        method.finish(model, {})
+    for n, p in model.named_parameters():
+        expected = theta[n] + deltas[n] if p is frozen else theta[n] - 0.5 * deltas[n]
+        assert torch.allclose(p, expected, atol=1e-6), n

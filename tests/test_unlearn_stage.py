@@ -182,3 +182,35 @@ def test_cli_unlearn_sweep_writes_each_run_and_picks_a_teacher(base, tmp_path, c
         assert result["options"]["retain_weight"] == 2.0 and result["train"]["steps"] == 2
         assert name in out
     assert "strongest forgetting" in out or "no teacher" in out
+
+
+def test_task_vector_raises_forget_ce_and_a_resumed_run_negates_from_the_starting_weights(base, monkeypatch):
+    """The start/finish hooks through the stage: the snapshot is of the starting weights even
+    when training resumes from a later point, so an interrupted run ends where an
+    uninterrupted one does."""
+    from undo.methods.task_vector import TaskVector
+
+    exp, run_dir, base_art = base
+    train = {**QUICK, "steps": 8, "lr": 1e-3, "checkpoint_every": 4}
+    straight = unlearn_stage(exp, run_dir, MethodRun("task_vector", name="tv", train=train), base_art).result()
+    assert straight["metrics"]["forget_ce"] > straight["metrics_before"]["forget_ce"] + 0.05
+
+    calls, plain_loss = [], TaskVector.loss
+
+    def interrupted(self, model, batches):
+        calls.append(1)
+        if len(calls) == 7:  # step 6 of 8: the last resume point is step 4
+            raise KeyboardInterrupt
+        return plain_loss(self, model, batches)
+
+    monkeypatch.setattr(TaskVector, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn_stage(exp, run_dir, MethodRun("task_vector", name="tv2", train=train), base_art)
+    calls.clear()
+    monkeypatch.setattr(TaskVector, "loss", lambda self, model, batches: calls.append(1) or plain_loss(self, model, batches))
+    resumed = unlearn_stage(exp, run_dir, MethodRun("task_vector", name="tv2", train=train), base_art).result()
+    assert len(calls) == 4                           # it resumed from step 4 ...
+    assert resumed["metrics"] == straight["metrics"]  # ... and negated the change from the starting weights
+    a, _ = load_model(run_dir / "unlearn" / "tv" / "model")
+    b, _ = load_model(run_dir / "unlearn" / "tv2" / "model")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -190,6 +190,8 @@ def train(
     desc: str = "train",
     accelerator: Optional[Accelerator] = None,
     step_hook: Optional[Callable[[torch.nn.Module, Any, Callable[[], LossOutput]], None]] = None,
+    on_start: Optional[Callable[[torch.nn.Module, dict[str, BatchStream]], None]] = None,
+    on_end: Optional[Callable[[torch.nn.Module, dict[str, BatchStream]], None]] = None,
 ) -> TrainResult:
     """Train `model` in place for `cfg.steps` steps (or until `should_stop`).
 
@@ -198,6 +200,10 @@ def train(
     and ends bitwise equal (on CPU) to an uninterrupted run.
     `step_hook(model, optimizer, closure)`: replaces the plain backward for methods
     that need several gradient evaluations per step (SAM); it must leave grads set.
+    `on_start(model, streams)` / `on_end(model, streams)`: look at or edit the weights around
+    training (snapshot, then negate a task vector; zero neurons with steps=0), on the model
+    as it trains (sharded under FSDP). on_start sees the starting weights on every run,
+    before a resume point's weights replace them; on_end runs before the final evaluation.
     """
     seed_everything(seed)
     acc = accelerator or make_accelerator(cfg)
@@ -220,6 +226,9 @@ def train(
     forward_model = torch.compile(model) if cfg.compile else model
 
     n_params = non_embedding_params(acc.unwrap_model(model))
+    if on_start is not None:  # before a resume point's weights replace the starting ones
+        with torch.no_grad():
+            on_start(acc.unwrap_model(model), streams)
     start_step, tokens, flops, history, elapsed = 0, 0, 0.0, [], 0.0
     if resume_dir is not None and (resume_dir / "state.json").exists():
         state = json.loads((resume_dir / "state.json").read_text())
@@ -332,6 +341,9 @@ def train(
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not stopped_early:
             save_resume_point(step)
     bar.close()
+    if on_end is not None:
+        with torch.no_grad():
+            on_end(acc.unwrap_model(model), streams)
     if evaluate is not None and (not history or history[-1]["step"] != step):
         run_eval(step)
     if cfg.gradient_checkpointing:  # a setting of this run, not of the model it leaves behind

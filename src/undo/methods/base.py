@@ -3,7 +3,8 @@
 A method is a small class: a `name`, a one-line `description`, an `Options` dataclass
 of hyperparameters (reference defaults; `task_defaults[task]` overrides them where the
 paper used other values for a task), `train_defaults` (TrainConfig fields: steps, lr,
-...), what it `needs()` (a subset of NEEDS), and `loss(model, batches)`. The unlearn
+...), what it `needs()` (a subset of NEEDS), and `loss(model, batches)`; optionally `start` /
+`finish` to look at or edit the weights around training. The unlearn
 stage (stage.py) does everything else: it loads frozen models only when `needs()` names
 them and hands them over with `attach`, builds the data streams, and runs the one
 training loop with `loss` as its loss function.
@@ -52,6 +53,7 @@ _REGISTRY: dict[str, str] = {
     "sam": "undo.methods.sam:SAM",
     "repnoise": "undo.methods.repnoise:RepNoise",
     "oracle_matching": "undo.methods.oracle_matching:OracleMatching",
+    "task_vector": "undo.methods.task_vector:TaskVector",
 }
 
 
@@ -94,6 +96,13 @@ class Method(abc.ABC):
 
     def trainable_parameters(self, model: PreTrainedModel) -> list[torch.nn.Parameter]:
         return list(model.parameters())
+
+    def start(self, model: torch.nn.Module, streams: dict) -> None:
+        """Before training, on the starting weights (e.g. keep a copy of them)."""
+
+    def finish(self, model: torch.nn.Module, streams: dict) -> None:
+        """After training, before evaluation and saving: edit the weights directly (a method
+        that only edits, e.g. zeroing neurons found on forget batches, trains 0 steps)."""
 
     def step_hook(self) -> Optional[Callable]:
         """A `train(step_hook=...)` replacement for the plain backward (SAM); None: plain."""

@@ -146,7 +146,8 @@ def unlearn_stage(exp: ExperimentConfig, run_dir: Path, run: MethodRun, model_ar
     evaluate = (lambda m: task.evaluate(m, tok, quick=True)) if cfg.eval_every else None
     try:
         result = train(model, method.loss, streams, cfg, seed=exp.seed, resume_dir=resume, params=params,
-                       desc=f"unlearn {name}", accelerator=acc, step_hook=method.step_hook(), evaluate=evaluate)
+                       desc=f"unlearn {name}", accelerator=acc, step_hook=method.step_hook(), evaluate=evaluate,
+                       on_start=method.start, on_end=method.finish)
     except UndoError:
         shutil.rmtree(art.resume_dir, ignore_errors=True)  # a diverged run leaves nothing behind
         raise

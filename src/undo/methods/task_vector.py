@@ -1,0 +1,46 @@
+"""Task-vector negation (Ilharco et al., 2023; the forgetting step of F-Learning, Ni et al., 2023).
+
+Finetune on the forget data (L = CE(forget)), giving theta_ft; the task vector is
+Delta = theta_ft - theta; the unlearned model is theta - l * Delta. Every trained
+parameter moves; `scale` is l (a hyperparameter to tune)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import UndoError
+from ..metrics import masked_ce
+from ..training import LossOutput
+from .base import Method, logits_of
+
+
+@dataclasses.dataclass
+class TaskVectorOptions:
+    scale: float = 1.0                  # l in theta - l * (theta_ft - theta)
+
+    def validate(self, where: str) -> None:
+        if not self.scale > 0:
+            raise UndoError(f"{where}.scale must be > 0, got {self.scale}")
+
+
+class TaskVector(Method):
+    name = "task_vector"
+    description = "finetune on forget data, then subtract the change: theta - l * (theta_ft - theta)"
+    Options = TaskVectorOptions
+    train_defaults = dict(steps=50, lr=1e-3, batch_size=16, schedule="constant", warmup_steps=0)
+
+    def start(self, model, streams) -> None:
+        self._theta = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def loss(self, model, batches) -> LossOutput:
+        ce = masked_ce(logits_of(model, batches["forget"]), batches["forget"]["labels"])
+        return LossOutput(ce, {"forget_ce": ce.item()})
+
+    def finish(self, model, streams) -> None:
+        l = self.options.scale
+        trained = [p for p in model.parameters() if p.requires_grad]
+        for p, theta in zip(trained, self._theta, strict=True):
+            p.mul_(-l).add_(theta, alpha=1 + l)  # theta - l * (p - theta)
+        self._theta = []
