@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from undo.data import IGNORE, BatchStream, pack, pad_batch, tokenize_example
+from undo.data import IGNORE, BatchStream, pack, pad_batch, tokenize_example, tokenize_examples
 from undo.errors import UndoError
 from undo.tasks.base import Example
 from undo.tokenization import train_tokenizer
@@ -45,6 +45,15 @@ def test_loss_mask_completion_vs_all():
     assert sum(mask) == 3 and mask[-3:] == [True, True, True] and not any(mask[:-3])
     ids_all, mask_all = tokenize_example(tok, ex, "all")
     assert ids_all == ids and mask_all == [False] + [True] * (len(ids) - 1)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_batched_tokenization_equals_one_example_at_a_time(kind):
+    tok = train_tokenizer(CORPUS, kind, vocab_size=300)
+    examples = [Example("3 + 4 =", " 7"), Example("", "Tom has 5 apples."), Example("안녕", " 세계"),
+                Example("What is 3 times 4? Answer:", "")]
+    for loss_on in ("completion", "all"):
+        assert tokenize_examples(tok, examples, loss_on) == [tokenize_example(tok, ex, loss_on) for ex in examples]
 
 
 def test_pack_never_splits_examples_and_pads_with_ignore():

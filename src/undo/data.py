@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .errors import UndoError
 from .tasks.base import Example
-from .tokenization import encode
+from .tokenization import encode, encode_many
 
 IGNORE = -100
 
@@ -26,7 +26,21 @@ IGNORE = -100
 def tokenize_example(tok: PreTrainedTokenizerBase, ex: Example, loss_on: Literal["completion", "all"]) -> tuple[list[int], list[bool]]:
     """[BOS] prompt completion [EOS] with a loss mask (BOS never carries loss)."""
     prompt = encode(tok, ex.prompt) if ex.prompt else []
-    completion = encode(tok, ex.completion)
+    return _assemble(tok, prompt, encode(tok, ex.completion), loss_on)
+
+
+def tokenize_examples(tok: PreTrainedTokenizerBase, examples: Sequence[Example],
+                      loss_on: Literal["completion", "all"]) -> list[tuple[list[int], list[bool]]]:
+    """`tokenize_example` of every example, with one batched tokenizer call per field
+    (the same ids, ~10x faster than one call per text: tens of thousands of examples
+    are tokenized at the start of every stage)."""
+    prompts = encode_many(tok, [ex.prompt for ex in examples])
+    completions = encode_many(tok, [ex.completion for ex in examples])
+    return [_assemble(tok, p, c, loss_on) for p, c in zip(prompts, completions)]
+
+
+def _assemble(tok: PreTrainedTokenizerBase, prompt: list[int], completion: list[int],
+              loss_on: Literal["completion", "all"]) -> tuple[list[int], list[bool]]:
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = bos + prompt + completion
     n_unscored = len(bos) if loss_on == "all" else len(bos) + len(prompt)
@@ -73,14 +87,14 @@ def pack(sequences: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id
 
 def pack_examples(tok: PreTrainedTokenizerBase, examples: Sequence[Example], seq_len: int,
                   loss_on: Literal["completion", "all"]) -> dict[str, torch.Tensor]:
-    return pack([tokenize_example(tok, ex, loss_on) for ex in examples], seq_len, tok.pad_token_id)
+    return pack(tokenize_examples(tok, examples, loss_on), seq_len, tok.pad_token_id)
 
 
 def pad_batch(tok: PreTrainedTokenizerBase, examples: Sequence[Example], loss_on: Literal["completion", "all"],
               max_len: int | None = None) -> dict[str, torch.Tensor]:
     """One example per row, right-padded (used where rows must align with examples,
     e.g. sequence-level losses such as NPO or DPO)."""
-    seqs = [tokenize_example(tok, ex, loss_on) for ex in examples]
+    seqs = tokenize_examples(tok, examples, loss_on)
     width = max(len(s[0]) for s in seqs)
     if max_len is not None:
         width = min(width, max_len)

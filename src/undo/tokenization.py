@@ -82,3 +82,10 @@ def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 def encode(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of `text` with no special tokens (we add BOS/EOS ourselves, uniformly)."""
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_many(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`encode` of each text, in one batched call (empty texts give [])."""
+    if not texts:
+        return []
+    return tok(texts, add_special_tokens=False)["input_ids"]

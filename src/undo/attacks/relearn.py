@@ -50,14 +50,21 @@ class AttackConfig:
 
 
 def attack_examples(task, cfg: AttackConfig, seed: int):
+    """The attacker's data, shuffled with the seed. With one example per row (padded tasks)
+    the attack sees at most steps x batch_size examples, so only those are kept (and
+    tokenized): the same random sample of the data, without tokenizing tens of thousands."""
     forget = task.train_examples("forget")
     if cfg.data == "forget":
-        return forget
-    n_retain = int(len(forget) * cfg.retain_fraction / (1 - cfg.retain_fraction))
-    retain = task.train_examples("retain")[:n_retain]
-    mixed = forget + retain
-    random.Random(seed).shuffle(mixed)
-    return mixed
+        examples = list(forget)
+    else:
+        n_retain = int(len(forget) * cfg.retain_fraction / (1 - cfg.retain_fraction))
+        retain = list(task.train_examples("retain"))
+        random.Random(seed + 1).shuffle(retain)  # a sample of every retain operation, not the first ones
+        examples = forget + retain[:n_retain]
+    random.Random(seed).shuffle(examples)
+    if task.row_format() == "padded":
+        examples = examples[: cfg.steps * cfg.batch_size]
+    return examples
 
 
 def relearn_stage(exp, run_dir: Path, target_name: str, target: Artifact, cfg: AttackConfig, lr: float,

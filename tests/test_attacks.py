@@ -1,0 +1,34 @@
+"""The relearning attacker's data: what it is drawn from, how much is kept, and its seed."""
+
+import re
+
+from undo.attacks.relearn import AttackConfig, attack_examples
+from undo.tasks.arithmetic import ArithmeticOptions, ArithmeticTask
+
+
+def task():
+    return ArithmeticTask(ArithmeticOptions(examples_per_operation=200, eval_per_format=4), seed=0)
+
+
+def test_mixed_attack_data_is_a_seeded_sample_of_forget_and_retain():
+    t = task()
+    forget, retain = set(t.train_examples("forget")), set(t.train_examples("retain"))
+    cfg = AttackConfig(data="mixed", retain_fraction=0.25, steps=5, batch_size=16)
+    examples = attack_examples(t, cfg, seed=3)
+    assert len(examples) == 5 * 16                   # one example per row: only what 5 steps use
+    assert examples == attack_examples(t, cfg, seed=3) != attack_examples(t, cfg, seed=4)
+    n_forget = sum(ex in forget for ex in examples)
+    assert n_forget + sum(ex in retain for ex in examples) == len(examples)
+    assert 0.6 < n_forget / len(examples) < 0.9      # 75% forget in the pool
+    equations = [re.fullmatch(r"\d+ (\S) \d+ =", ex.prompt) for ex in examples if ex in retain]
+    retain_ops = {m.group(1) for m in equations if m}
+    assert retain_ops == {"+", "-"}                  # every retain operation, not just the first one
+
+
+def test_forget_attack_data_is_forget_only_and_capped():
+    t = task()
+    forget = set(t.train_examples("forget"))
+    examples = attack_examples(t, AttackConfig(data="forget", steps=2, batch_size=8), seed=0)
+    assert len(examples) == 16 and all(ex in forget for ex in examples)
+    everything = attack_examples(t, AttackConfig(data="forget", steps=1000, batch_size=8), seed=0)
+    assert sorted(everything, key=repr) == sorted(t.train_examples("forget"), key=repr)
