@@ -68,3 +68,11 @@ def test_noise_command_writes_a_loadable_checkpoint(tmp_path):
     AutoTokenizer.from_pretrained(tmp_path / "noised" / "model")
     w0, w1 = model.model.layers[0].mlp.down_proj.weight, noised.model.layers[0].mlp.down_proj.weight
     assert not w0.equal(w1) and (w1 - 0.5 * w0).abs().max() <= 0.5 * 0.1 * (6 / sum(w0.shape)) ** 0.5 + 1e-6
+
+
+def test_attacked_models_are_named_by_their_stage(tmp_path):
+    from undo.cli import model_label
+
+    assert model_label(tmp_path / "run" / "undo_a0.3") == "undo_a0.3"
+    assert model_label(tmp_path / "run" / "undo_a0.3" / "model") == "undo_a0.3"
+    assert model_label(tmp_path / "gemma-2-2b") == "gemma-2-2b"

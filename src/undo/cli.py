@@ -107,6 +107,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_label(path: str | Path) -> str:
+    """A model's name for results: its stage (`runs/x/undo_a0.3` or `runs/x/undo_a0.3/model`
+    are both undo_a0.3), else the directory's name."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name == "model" else path.name
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks.relearn import relearn_attack
     from .experiment import load_experiment
@@ -116,7 +123,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     exp = load_experiment(args.config, args.overrides)
     task = build_task(exp.task, exp.seed)
     target = external_artifact(args.model)
-    name = args.name or Path(args.model).resolve().parent.name
+    name = args.name or model_label(args.model)
     curves = relearn_attack(exp, run_dir_for(args, exp.name), name, target, exp.attack)
     points = [{"lr": lr, "step": p["step"], "metrics": p} for lr, curve in curves.items() for p in curve]
     print(f"worst case over learning rates of {task.forget_metric} ({name}):")
