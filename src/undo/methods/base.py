@@ -154,6 +154,11 @@ def logits_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def ce_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of `model` on a batch's scored tokens."""
+    return masked_ce(logits_of(model, batch), batch["labels"])
+
+
 def frozen_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, float]:
     """Logits of a frozen model (no graph) and the FLOPs of that forward pass."""
     with torch.no_grad():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, logits_of
+from .base import Method, ce_of
 
 
 @dataclasses.dataclass
@@ -21,5 +20,5 @@ class GradAscent(Method):
     train_defaults = dict(steps=20, lr=1e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
     def loss(self, model, batches) -> LossOutput:
-        ce = masked_ce(logits_of(model, batches["forget"]), batches["forget"]["labels"])
+        ce = ce_of(model, batches["forget"])
         return LossOutput(-ce, {"forget_ce": ce.item()})

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of
+from .base import Method, RetainLoss, ce_of, check_weights
 
 
 @dataclasses.dataclass
@@ -29,5 +28,5 @@ class GradDiff(Method):
 
 
     def loss(self, model, batches) -> LossOutput:
-        forget_ce = masked_ce(logits_of(model, batches["forget"]), batches["forget"]["labels"])
+        forget_ce = ce_of(model, batches["forget"])
         return self.with_retain(model, batches, LossOutput(-forget_ce, {"forget_ce": forget_ce.item()}))

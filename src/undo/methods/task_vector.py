@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ..errors import UndoError
-from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, logits_of
+from .base import Method, ce_of
 
 
 @dataclasses.dataclass
@@ -35,7 +32,7 @@ class TaskVector(Method):
         self._theta = [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
     def loss(self, model, batches) -> LossOutput:
-        ce = masked_ce(logits_of(model, batches["forget"]), batches["forget"]["labels"])
+        ce = ce_of(model, batches["forget"])
         return LossOutput(ce, {"forget_ce": ce.item()})
 
     def finish(self, model, streams) -> None:
