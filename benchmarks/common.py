@@ -15,7 +15,7 @@ from undo.data import BatchStream
 from undo.methods.base import build_method
 from undo.models import PRESETS, load_model, preset_config
 from undo.training import TrainConfig, TrainResult, lm_loss, train
-from undo.undo import distill_loss_fn
+from undo.stages.undo import distill_loss_fn
 
 os.environ.setdefault("UNDO_NO_PROGRESS", "1")
 WORKLOADS = ("train", "distill", "rmu")

@@ -71,7 +71,7 @@ def test_noise_command_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_attacked_models_are_named_by_their_stage(tmp_path):
-    from undo.cli import model_label
+    from undo.cli.common import model_label
 
     assert model_label(tmp_path / "run" / "undo_a0.3") == "undo_a0.3"
     assert model_label(tmp_path / "run" / "undo_a0.3" / "model") == "undo_a0.3"

@@ -72,7 +72,7 @@ STAGES = {  # command, where its artifact lands
 def tiny_base(tmp_path_factory):
     from undo.config import from_dict
     from undo.experiment import ExperimentConfig
-    from undo.pipeline import pretrain_stage
+    from undo.engine.single import pretrain
 
     tmp = tmp_path_factory.mktemp("base")
     raw = {"name": "ddp", "seed": 0,
@@ -80,7 +80,7 @@ def tiny_base(tmp_path_factory):
            "model": {"preset": "tiny"}, "tokenizer": {"kind": "bpe", "vocab_size": 300},
            "pretrain": {"steps": 30, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "checkpoint_every": 0}}
     (tmp / "exp.json").write_text(json.dumps(raw))
-    return tmp / "exp.json", pretrain_stage(from_dict(ExperimentConfig, raw), tmp / "run", "base")
+    return tmp / "exp.json", pretrain(from_dict(ExperimentConfig, raw), tmp / "run", "base")
 
 
 @pytest.mark.parametrize("sharding,stage", [("ddp", "graddiff"), ("fsdp", "graddiff"), ("fsdp", "rmu"),

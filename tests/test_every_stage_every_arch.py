@@ -8,14 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from test_arch import arch_configs, gpt2_style_tokenizer
-from undo.attacks.relearn import relearn_stage
-from undo.experiment import load_experiment
-from undo.methods.config import MethodRun
-from undo.methods.stage import unlearn_stage
-from undo.pipeline import eval_stage, pretrain_stage
+from undo.engine.single import attack, distill, pretrain, unlearn
+from undo.experiment import Recipe, load_experiment
+from undo.stages.evaluate import evaluate_model
 from undo.tasks import build_task
 from undo.tokenization import train_tokenizer
-from undo.undo import distill_stage
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "gpt2"])
@@ -35,20 +32,20 @@ def test_every_stage_runs_on_a_local_checkpoint(arch, tmp_path):
     exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, path=str(source)))
     run = tmp_path / "run"
 
-    base = pretrain_stage(exp, run, "base")  # finetuning an existing checkpoint
-    unlearned = unlearn_stage(exp, run, MethodRun("graddiff", options={"retain_loss": "kl"},
-                                                  train={"steps": 2, "batch_size": 4}), base)
+    base = pretrain(exp, run, "base")  # finetuning an existing checkpoint
+    unlearned = unlearn(exp, run, Recipe("graddiff", options={"retain_loss": "kl"},
+                                         train={"steps": 2, "batch_size": 4}), base)
     assert unlearned.result()["frozen_models_loaded"] == ["reference"]
     undo_cfg = dataclasses.replace(exp.undo, distill=dataclasses.replace(exp.undo.distill, steps=2, batch_size=4,
                                                                          eval_every=1))
-    distilled = distill_stage(exp, run, "undo", unlearned, "noised", undo_cfg, alpha=0.5, say=lambda m: None)
-    attack = dataclasses.replace(exp.attack, steps=2, eval_every=1, batch_size=4)
-    curve = relearn_stage(exp, run, "undo", distilled, attack, lr=1e-3).result()["curve"]
-    assert [p["step"] for p in curve] == [0, 1, 2]
+    distilled = distill(dataclasses.replace(exp, undo=undo_cfg), run, "undo", unlearned, "noised", alpha=0.5)
+    arts = attack(exp, run, "undo", distilled, "relearn",
+                  {"lrs": [1e-3], "steps": 2, "eval_every": 1, "batch_size": 4})
+    assert [p["step"] for p in arts[0].result()["curve"]] == [0, 1, 2]
 
     for art in (base, unlearned, distilled):
         model = AutoModelForCausalLM.from_pretrained(art.model_dir)
         assert model.config.model_type == config.model_type
         assert AutoTokenizer.from_pretrained(art.model_dir).pad_token is not None
-    metrics = eval_stage(str(distilled.model_dir), exp)
+    metrics = evaluate_model(str(distilled.model_dir), exp)
     assert {"forget_acc", "retain_acc", "forget_ce", "retain_ce"} <= set(metrics)

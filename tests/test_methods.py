@@ -18,9 +18,13 @@ from undo.errors import UndoError
 from undo.losses import gaussian_mmd
 from undo.methods import build_method, known_methods, method_class, resolve_options
 from undo.methods.base import NEEDS
-from undo.methods.config import MethodRun, UnlearnConfig
+from undo.experiment import Recipe as MethodRun, UnlearnConfig
 from undo.methods.rmu import default_layers
-from undo.methods.stage import select_teacher, sweep_runs
+from undo.stages.select import select_teacher
+
+
+def sweep_runs(recipe, sweep):
+    return recipe.points(sweep)
 from undo.models import non_embedding_params
 
 IGNORE = -100
@@ -253,7 +257,7 @@ def test_method_run_and_unlearn_config_validation():
         from_dict(MethodRun, {"method": "nope"})
     with pytest.raises(UndoError, match="unknown key 'stepz'"):
         from_dict(MethodRun, {"method": "graddiff", "train": {"stepz": 3}})
-    with pytest.raises(UndoError, match="two runs are named graddiff"):
+    with pytest.raises(UndoError, match="two recipes are named graddiff"):
         from_dict(UnlearnConfig, {"methods": [{"method": "graddiff"}, {"method": "graddiff"}]})
     cfg = from_dict(UnlearnConfig, {"methods": [{"method": "rmu", "options": {"layers": [1], "layer": 1}}],
                                     "sweep": {"lr": ["1e-4", 3e-4], "steps": ["5"]}})  # YAML reads 1e-4 as text

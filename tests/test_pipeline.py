@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from undo.experiment import load_experiment
-from undo.pipeline import run_experiment
+from undo.engine.run import run_experiment
 
 
 def _models(run_dir: Path) -> dict:
@@ -44,6 +44,7 @@ def test_quick_pipeline_produces_every_model_attack_and_report(quick_run):
     for png in ("relearning.png", "pareto.png", "compute.png"):
         assert png in html and (report.parent / png).stat().st_size > 5000
     assert not list(run_dir.rglob("*.partial")) and not list(run_dir.rglob("*.resume"))
+    assert not list(run_dir.rglob("*.lock"))  # stages are claimed only when they may run side by side (Ray)
 
 
 def test_rerun_is_fully_cached(quick_run, monkeypatch):
@@ -51,7 +52,8 @@ def test_rerun_is_fully_cached(quick_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached stage trained again")
 
-    for module in ("undo.pipeline", "undo.undo", "undo.attacks.relearn", "undo.methods.stage"):
+    for module in ("undo.stages.pretrain", "undo.stages.undo", "undo.attacks.relearn", "undo.stages.unlearn",
+                   "undo.stages.aux"):
         monkeypatch.setattr(f"{module}.train", no_training)
     before = _attacks(run_dir)
     run_experiment(load_experiment("quick"), run_dir)
@@ -92,7 +94,7 @@ def test_quick_pipeline_on_two_processes_records_once(quick_run, tmp_path):
                            "-m", "undo.cli", "run", "quick", "--run-dir", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("report: ") == 1 and done.stdout.count("UNDO teacher: ") == 1
+    assert done.stdout.count("report: ") == 1 and done.stdout.count("stage 5/18: seed0/undo/unlearn_distill") == 1
     one_dir, _ = quick_run
     assert set(_models(tmp_path)) == set(_models(one_dir))
     assert [row[:3] for row in _attacks(tmp_path)] == [row[:3] for row in _attacks(one_dir)]

@@ -62,16 +62,16 @@ def test_store_round_trip_and_reopen(tmp_path):
     fill(ResultStore(path))
     store = ResultStore(path)  # reopen: the schema is created only if missing
     assert store.models() == [
-        {"name": "base", "kind": "base", "metrics": {"forget_acc": 0.9, "retain_acc": 0.95}, "flops": 1e12,
+        {"name": "base", "seed": 0, "kind": "base", "metrics": {"forget_acc": 0.9, "retain_acc": 0.95}, "flops": 1e12,
          "wall_seconds": 10.0, "meta": {"steps": 100}},
-        {"name": "maxent", "kind": "method", "metrics": {"forget_acc": 0.1, "retain_acc": 0.9}, "flops": 1e10,
+        {"name": "maxent", "seed": 0, "kind": "method", "metrics": {"forget_acc": 0.1, "retain_acc": 0.9}, "flops": 1e10,
          "wall_seconds": 2.5, "meta": {"method": "maxent", "flops_total": 1.01e12}},
     ]
     # ordered by lr, then step
     assert store.attack_points("maxent") == [
-        {"lr": 1e-4, "step": 0, "metrics": {"forget_acc": 0.1}},
-        {"lr": 1e-4, "step": 10, "metrics": {"forget_acc": 0.3}},
-        {"lr": 1e-3, "step": 0, "metrics": {"forget_acc": 0.1}},
+        {"lr": 1e-4, "step": 0, "metrics": {"forget_acc": 0.1}, "seed": 0, "attack_seed": 0},
+        {"lr": 1e-4, "step": 10, "metrics": {"forget_acc": 0.3}, "seed": 0, "attack_seed": 0},
+        {"lr": 1e-3, "step": 0, "metrics": {"forget_acc": 0.1}, "seed": 0, "attack_seed": 0},
     ]
     assert store.attack_points("nobody") == []
     assert store.stage_times() == [{"stage": "pretrain/base", "seconds": 12.5, "cached": False},
@@ -125,3 +125,33 @@ def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
         ResultStore(junk)
     with pytest.raises(UndoError, match="is a directory"):
         ResultStore(tmp_path)
+
+
+def test_rows_outside_the_declared_graph_are_hidden_and_models_follow_graph_order(tmp_path):
+    """Rows of an earlier config stay in the file but no read returns them once the run
+    declared its graph; a store without a declared graph returns every row."""
+    store = ResultStore(tmp_path / "r.sqlite")
+    store.record_model("undo_a0.8", "undo", {"forget_acc": 0.2}, 1.0, 1.0, {}, key="old")
+    store.record_model("undo_a0.5", "undo", {"forget_acc": 0.3}, 1.0, 1.0, {}, key="k2")
+    store.record_model("base", "base", {"forget_acc": 0.9}, 1.0, 1.0, {}, seed=1, key="k1")
+    store.record_attack("base", 3e-3, 10, {"forget_acc": 0.5}, seed=1, key="oldattack")
+    store.record_attack("base", 1e-3, 10, {"forget_acc": 0.4}, seed=1, key="a1")
+    store.record_stage_time("seed1/attack/lr0.003", 1.0, False, key="oldattack")
+    assert len(store.models()) == 3 and len(store.attack_points("base")) == 2
+    store.set_graph(["k1", "k2", "a1"])
+    assert [(m["name"], m["seed"]) for m in store.models()] == [("base", 1), ("undo_a0.5", 0)]
+    assert [p["lr"] for p in store.attack_points("base")] == [1e-3]
+    assert store.attack_points("base", seed=0) == [] and store.stage_times() == []
+
+
+def test_a_store_of_an_older_layout_is_rebuilt(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE models (name TEXT PRIMARY KEY, kind TEXT, metrics TEXT, flops REAL, "
+                    "wall_seconds REAL, meta TEXT)")
+        con.execute("INSERT INTO models VALUES ('base', 'base', '{}', 0, 0, '{}')")
+    con.close()
+    store = ResultStore(path)
+    assert store.models() == []
+    store.record_model("base", "base", {"forget_acc": 0.9}, 1.0, 1.0, {}, seed=2)
+    assert store.models()[0]["seed"] == 2

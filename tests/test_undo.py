@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from undo.errors import UndoError
 from undo.losses import forward_kl
-from undo.undo import distill_loss_fn, noise_, retain_recovered, xavier_uniform_like
+from undo.stages.undo import distill_loss_fn, noise_, retain_recovered, xavier_uniform_like
 
 
 def toy_model(tied=True):

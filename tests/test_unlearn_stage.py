@@ -10,13 +10,13 @@ import torch
 from undo.cli import main
 from undo.config import from_dict
 from undo.errors import UndoError
-from undo.experiment import ExperimentConfig
-from undo.methods import build_method, stage as stage_module
-from undo.methods.config import MethodRun
+from undo.engine.single import pretrain, unlearn as unlearn_stage
+from undo.experiment import ExperimentConfig, Recipe as MethodRun
+from undo.methods import build_method
 from undo.methods.idkdpo import IDK_ANSWERS
-from undo.methods.stage import build_streams, train_config, unlearn_stage
 from undo.models import load_model
-from undo.pipeline import pretrain_stage
+from undo.stages import unlearn as stage_module
+from undo.stages.unlearn import build_streams, train_config
 from undo.tasks import build_task
 from undo.training import LossOutput
 
@@ -44,7 +44,7 @@ def base(one_thread, tmp_path_factory):
     """A tiny model briefly pretrained on retain + forget arithmetic (the base model)."""
     exp = from_dict(ExperimentConfig, RAW)
     run_dir = tmp_path_factory.mktemp("run")
-    return exp, run_dir, pretrain_stage(exp, run_dir, "base")
+    return exp, run_dir, pretrain(exp, run_dir, "base")
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_idk_rows_pair_with_forget_rows(base):
     _, tok = load_model(base_art.model_dir)
     task = build_task(exp.task, exp.seed)
     method = build_method("idkdpo")
-    streams = build_streams(task, tok, method, train_config(method, MethodRun("idkdpo", train=QUICK)), seed=0)
+    streams = build_streams(task, tok, method, train_config(method, QUICK, "idkdpo"), seed=0)
     forget, idk = streams["forget"].batch(3), streams["idk"].batch(3)
     for f_ids, f_lab, i_ids, i_lab in zip(forget["input_ids"], forget["labels"], idk["input_ids"], idk["labels"]):
         f_prompt = int((f_lab != -100).nonzero()[0])  # prompts are unscored (loss on completions)

@@ -41,6 +41,11 @@ class Artifact:
 
     @property
     def model_dir(self) -> Path:
+        """The checkpoint: `<stage>/model`, or the one a sidecar points to (a starting model
+        given by path; a selection, which points to its winner)."""
+        result = self.result() if (self.dir / "result.json").exists() else None
+        if result and result.get("model_path"):
+            return Path(result["model_path"])
         return self.dir / "model"
 
     @property
@@ -53,7 +58,12 @@ class Artifact:
 
     def result(self) -> Optional[dict[str, Any]]:
         path = self.dir / "result.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UndoError(f"{path} is corrupt (not JSON); delete {self.dir} and rerun to recompute the stage") from None
 
     def is_done(self, key: str) -> bool:
         result = self.result()
@@ -104,9 +114,9 @@ class ModelDir:
 
 def model_source(path: str | Path) -> Artifact | ModelDir:
     """An artifact directory (`<stage>/` or `<stage>/model`) as its Artifact, else a plain directory."""
-    path = Path(path)
-    if (path / "model" / "config.json").exists():
-        return Artifact(path.parent, path.name)
+    path = Path(path).expanduser()
+    if (path / "model" / "config.json").exists() or ((path / "result.json").exists() and not (path / "config.json").exists()):
+        return Artifact(path.parent, path.name)  # a selection or a checkpoint stage points to its model
     if path.name == "model" and (path.parent / "result.json").exists():
         return Artifact(path.parent.parent, path.parent.name)
     return ModelDir(path)
@@ -119,6 +129,6 @@ def source_key(source: Artifact | ModelDir) -> str:
         return result["key"]
     model_dir = Path(source.model_dir)
     if not model_dir.exists():
-        raise UndoError(f"model path {model_dir} does not exist; give a checkpoint directory (e.g. runs/<name>/base/model)")
+        raise UndoError(f"model path {model_dir} does not exist; give a checkpoint directory (e.g. runs/<name>/seed0/base/model)")
     stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.iterdir() if p.is_file())
     return hashlib.sha256(repr((str(model_dir.resolve()), stats)).encode()).hexdigest()[:16]

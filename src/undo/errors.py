@@ -10,3 +10,7 @@ class UndoError(Exception):
     """
 
     exit_code = 2
+
+
+class DivergedError(UndoError):
+    """Training diverged (a NaN or infinite loss): the stage's resume points are discarded."""

@@ -130,7 +130,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreT
     """Any HF causal LM + its tokenizer from a local directory (never the network)."""
     path = Path(path)
     if not path.exists():
-        raise UndoError(f"model path {path} does not exist; give a checkpoint directory (e.g. runs/<name>/base/model)")
+        raise UndoError(f"model path {path} does not exist; give a checkpoint directory (e.g. runs/<name>/seed0/base/model)")
     problem = causal_lm_problem(path)
     if problem:
         raise UndoError(problem)
@@ -144,11 +144,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreT
     return model, tokenizer
 
 
-def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+def count_params(model: torch.nn.Module) -> int:
     seen, total = set(), 0
     for p in model.parameters():  # parameters() already de-duplicates tied weights
-        if trainable_only and not p.requires_grad:
-            continue
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()

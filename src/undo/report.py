@@ -38,6 +38,7 @@ class ModelRow:
     """One model's line in every table and plot."""
 
     name: str
+    seed: int
     kind: str
     setting: str                        # a compact view of meta (method, alpha, teacher, steps)
     retain_before: Optional[float]
@@ -57,6 +58,10 @@ class Summary:
     early_step: Optional[int]
     final_step: Optional[int]
     compute_label: str
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.rows})
 
 
 def _check_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -96,19 +101,37 @@ def _compute(model: dict[str, Any], oracle_flops: Optional[float]) -> Optional[f
     return float(flops) / oracle_flops if oracle_flops else float(flops)
 
 
+def attack_curve(points: list[dict[str, Any]], metric: str, higher_is_better: bool) -> list[tuple[int, float, float]]:
+    """The worst case over learning rates per attack seed, then the mean over attack seeds at
+    each step every attack seed reached (the lr of a mean is NaN when the seeds' lrs differ)."""
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for point in points:
+        by_seed.setdefault(point.get("attack_seed", 0), []).append(point)
+    curves = [worst_case_curve(group, metric, higher_is_better) for group in by_seed.values()]
+    if len(curves) <= 1:
+        return curves[0] if curves else []
+    steps = set.intersection(*({s for s, _, _ in c} for c in curves))
+    out = []
+    for step in sorted(steps):
+        hits = [(v, lr) for c in curves for s, v, lr in c if s == step]
+        lrs = {lr for _, lr in hits}
+        out.append((step, sum(v for v, _ in hits) / len(hits), lrs.pop() if len(lrs) == 1 else math.nan))
+    return out
+
+
 def summarize(store: ResultStore, task: dict[str, Any], early_fraction: float = 0.25) -> Summary:
-    """Everything the tables and plots show, computed once from the store."""
+    """Everything the tables and plots show, computed once from the store: a row per model and seed."""
     task = _check_task(task)
     models = store.models()
-    curves = [worst_case_curve(store.attack_points(m["name"]), task["forget_metric"], bool(task["higher_is_better"]))
-              for m in models]
+    curves = [attack_curve(store.attack_points(m["name"], seed=m.get("seed", 0)), task["forget_metric"],
+                           bool(task["higher_is_better"])) for m in models]
     early, final = attack_steps(curves, early_fraction)
     oracle_flops = task["oracle_pretrain_flops"] or None
     rows = []
     for model, curve in zip(models, curves):
         alpha = model["meta"].get("alpha")
         rows.append(ModelRow(
-            name=model["name"], kind=model["kind"], setting=_setting(model["meta"]),
+            name=model["name"], seed=model.get("seed", 0), kind=model["kind"], setting=_setting(model["meta"]),
             retain_before=model["metrics"].get(task["retain_metric"]),
             forget_before=model["metrics"].get(task["forget_metric"]),
             forget_early=_value_from(curve, early), forget_final=_value_from(curve, final),
@@ -149,14 +172,16 @@ def _no_data(ax: Any, text: str) -> None:
 def plot_relearning(summary: Summary, colours: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.add_subplot()
-    drawn = 0
-    for row in summary.rows:
+    drawn, labelled = 0, set()
+    for row in summary.rows:  # several seeds: one line each, in the model's colour, labelled once
         if not row.curve:
             continue
         steps = [s for s, _, _ in row.curve]
         values = [v for _, v, _ in row.curve]
         wide = row.kind in ("base", "oracle")
-        ax.plot(steps, values, color=colours[row.name], label=row.name, linewidth=2.5 if wide else 1.5,
+        label = None if row.name in labelled else row.name
+        labelled.add(row.name)
+        ax.plot(steps, values, color=colours[row.name], label=label, linewidth=2.5 if wide else 1.5,
                 linestyle="--" if row.kind in ("oracle_matching", "unlearn_distill") else "-", marker=".")
         drawn += 1
     if drawn:  # outside the axes: a sweep can have many lines
@@ -232,13 +257,15 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
 
 def table_header(summary: Summary) -> list[str]:
     forget = summary.task["forget_metric"]
-    return ["model", "kind", f"{summary.task['retain_metric']} before", f"{forget} before",
+    seed = ["seed"] if len(summary.seeds) > 1 else []
+    return ["model", *seed, "kind", f"{summary.task['retain_metric']} before", f"{forget} before",
             f"worst {forget} @{summary.early_step}", f"worst {forget} @{summary.final_step}",
             summary.compute_label, "wall s"]
 
 
-def table_cells(row: ModelRow) -> list[str]:
-    return [row.name, row.kind, _fmt(row.retain_before), _fmt(row.forget_before), _fmt(row.forget_early),
+def table_cells(row: ModelRow, summary: Summary) -> list[str]:
+    seed = [str(row.seed)] if len(summary.seeds) > 1 else []
+    return [row.name, *seed, row.kind, _fmt(row.retain_before), _fmt(row.forget_before), _fmt(row.forget_early),
             _fmt(row.forget_final), _fmt(row.compute), _fmt(row.wall_seconds, 1)]
 
 
@@ -256,7 +283,7 @@ def summary_text(store: ResultStore, task: dict[str, Any], early_fraction: float
              f"({_direction(summary.task)}; worst case over attack learning rates)")
     if not summary.rows:
         return f"{title}\n(no models recorded)"
-    return f"{title}\n{_text_table(table_header(summary), [table_cells(r) for r in summary.rows])}"
+    return f"{title}\n{_text_table(table_header(summary), [table_cells(r, summary) for r in summary.rows])}"
 
 
 def _html_table(header: list[str], body: list[list[str]]) -> str:
@@ -275,9 +302,10 @@ def render_html(summary: Summary, stages: list[dict[str, Any]]) -> str:
     task = summary.task
     esc = html.escape
     missing = [r.name for r in summary.rows if not r.curve]
-    rows_table = _html_table(table_header(summary), [table_cells(r) for r in summary.rows]) if summary.rows \
+    rows_table = _html_table(table_header(summary), [table_cells(r, summary) for r in summary.rows]) if summary.rows \
         else "<p class='note'>No models recorded.</p>"
-    setting_table = _html_table(["model", "setting"], [[r.name, r.setting or "-"] for r in summary.rows])
+    setting_table = _html_table(["model", "seed", "setting"], [[r.name, str(r.seed), r.setting or "-"]
+                                                               for r in summary.rows])
     stage_table = _html_table(["stage", "seconds", "cached"],
                               [[s["stage"], _fmt(s["seconds"], 1), "yes" if s["cached"] else "no"] for s in stages]) \
         if stages else "<p class='note'>No stage times recorded.</p>"
@@ -288,7 +316,9 @@ def render_html(summary: Summary, stages: list[dict[str, Any]]) -> str:
 <h1>undo report: {esc(str(task['name']))}</h1>
 <p class="note">Forget metric <b>{esc(task['forget_metric'])}</b>, retain metric <b>{esc(task['retain_metric'])}</b>
 ({esc(str(task['metric_label']))}). Robustness is the worst case over the attack's learning rates: the best
-forget performance any learning rate reaches after k steps ({esc(_direction(task))}).
+forget performance any learning rate reaches after k steps ({esc(_direction(task))}); with several
+attack seeds, the mean of that worst case over them. Seeds: {esc(', '.join(map(str, summary.seeds)) or '-')}
+(one row per model and seed).
 Early step: {summary.early_step}; final step: {summary.final_step}.</p>{note}
 <h2>Models</h2>{rows_table}
 <h2>Relearning curves</h2><img src="{PLOTS['relearning']}" alt="worst-case relearning curves">

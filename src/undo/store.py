@@ -1,13 +1,18 @@
 """The results store: one SQLite file per run holding every model's scores, every point
-of every relearning curve, and how long each stage took.
+of every attack curve, and how long each stage took.
 
-    models        name (unique), kind, metrics, flops, wall_seconds, meta
-    attack_points (model, lr, step) unique, metrics
+    models        (name, seed) unique, kind, metrics, flops, wall_seconds, meta, key
+    attack_points (model, seed, attack, attack_seed, lr, step) unique, metrics, key
     stage_times   stage (unique), seconds, cached
+    graph         stage key: the keys of the current experiment's graph
 
-Every write is an upsert keyed by name (model; model+lr+step; stage), so a resumed run
-that records the same things again replaces rows instead of duplicating them, and a
-re-recorded model keeps its place in the insertion order. Each call opens, commits and
+Every write is an upsert, so a resumed run that records the same things again replaces
+rows instead of duplicating them, and a re-recorded model keeps its place in the
+insertion order. Rows carry their stage's cache key; once a run has declared its graph
+(`set_graph`), reads return only rows of that graph, so results of an earlier config
+(other learning rates, alphas, models) never leak into a table or a claim. The store is
+an index of the run's artifacts: every stage records itself again when it is found in
+the cache, so a store of an older layout is simply rebuilt. Each call opens, commits and
 closes its own connection: a killed run leaves nothing half-written (SQLite transactions).
 """
 
@@ -19,22 +24,30 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import UndoError
 
-MODEL_KINDS = ("base", "oracle", "method", "oracle_matching", "unlearn_distill", "undo")
+
+MODEL_KINDS = ("base", "oracle", "start", "method", "oracle_matching", "unlearn_distill", "undo", "sweep")
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
-    name TEXT PRIMARY KEY, kind TEXT NOT NULL, metrics TEXT NOT NULL,
-    flops REAL NOT NULL, wall_seconds REAL NOT NULL, meta TEXT NOT NULL);
+    name TEXT NOT NULL, seed INTEGER NOT NULL, kind TEXT NOT NULL, metrics TEXT NOT NULL,
+    flops REAL NOT NULL, wall_seconds REAL NOT NULL, meta TEXT NOT NULL, key TEXT,
+    PRIMARY KEY (name, seed));
 CREATE TABLE IF NOT EXISTS attack_points (
-    model TEXT NOT NULL, lr REAL NOT NULL, step INTEGER NOT NULL, metrics TEXT NOT NULL,
-    PRIMARY KEY (model, lr, step));
+    model TEXT NOT NULL, seed INTEGER NOT NULL, attack TEXT NOT NULL, attack_seed INTEGER NOT NULL,
+    lr REAL NOT NULL, step INTEGER NOT NULL, metrics TEXT NOT NULL, key TEXT,
+    PRIMARY KEY (model, seed, attack, attack_seed, lr, step));
 CREATE TABLE IF NOT EXISTS stage_times (
-    stage TEXT PRIMARY KEY, seconds REAL NOT NULL, cached INTEGER NOT NULL);
+    stage TEXT PRIMARY KEY, seconds REAL NOT NULL, cached INTEGER NOT NULL, key TEXT);
+CREATE TABLE IF NOT EXISTS graph (key TEXT PRIMARY KEY, position INTEGER NOT NULL);
 """
+
+# Rows of the current graph only, once a graph was declared; every row otherwise.
+CURRENT = "(key IN (SELECT key FROM graph) OR NOT EXISTS (SELECT 1 FROM graph))"
 
 
 def _metrics_json(metrics: dict[str, float], where: str) -> str:
@@ -63,7 +76,19 @@ class ResultStore:
             raise UndoError(f"results store {self.path} is a directory; give a file path such as runs/NAME/results.sqlite")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
+            if con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # an older layout: rebuilt
+                con.executescript("DROP TABLE IF EXISTS models; DROP TABLE IF EXISTS attack_points; "
+                                  "DROP TABLE IF EXISTS stage_times; DROP TABLE IF EXISTS graph;")
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             con.executescript(SCHEMA)
+
+    def set_graph(self, keys: Iterable[str]) -> None:
+        """Declare the current graph (its stage keys in graph order): reads return only rows
+        recorded with these keys, models in graph order (whatever order stages finished in)."""
+        with self._connect() as con:
+            con.execute("DELETE FROM graph")
+            con.executemany("INSERT OR IGNORE INTO graph (key, position) VALUES (?, ?)",
+                            [(k, i) for i, k in enumerate(keys)])
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -82,30 +107,36 @@ class ResultStore:
 
     # --- models ---------------------------------------------------------------------------
     def record_model(self, name: str, kind: str, metrics: dict[str, float], flops: float,
-                     wall_seconds: float, meta: dict) -> None:
+                     wall_seconds: float, meta: dict, seed: int = 0, key: Optional[str] = None) -> None:
         where = f"results store, model '{name}'"
         if not isinstance(name, str) or not name:
             raise UndoError(f"results store: a model needs a non-empty name, got {name!r}")
         if kind not in MODEL_KINDS:
             raise UndoError(f"{where}: unknown kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
-        row = (name, kind, _metrics_json(metrics, where), _number(flops, f"{where} flops"),
-               _number(wall_seconds, f"{where} wall_seconds"), json.dumps(dict(meta or {}), default=str))
+        row = (name, int(seed), kind, _metrics_json(metrics, where), _number(flops, f"{where} flops"),
+               _number(wall_seconds, f"{where} wall_seconds"), json.dumps(dict(meta or {}), default=str), key)
         with self._connect() as con:
             # ON CONFLICT ... UPDATE keeps the row's rowid, hence its place in the insertion order.
-            con.execute("INSERT INTO models (name, kind, metrics, flops, wall_seconds, meta) VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, metrics=excluded.metrics, "
-                        "flops=excluded.flops, wall_seconds=excluded.wall_seconds, meta=excluded.meta", row)
+            con.execute("INSERT INTO models (name, seed, kind, metrics, flops, wall_seconds, meta, key) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name, seed) DO UPDATE SET kind=excluded.kind, "
+                        "metrics=excluded.metrics, flops=excluded.flops, wall_seconds=excluded.wall_seconds, "
+                        "meta=excluded.meta, key=excluded.key", row)
 
     def models(self) -> list[dict[str, Any]]:
-        """Every model in insertion order: {name, kind, metrics, flops, wall_seconds, meta}."""
+        """Every model of the current graph in insertion order: {name, seed, kind, metrics, flops,
+        wall_seconds, meta}."""
         with self._connect() as con:
-            rows = con.execute("SELECT name, kind, metrics, flops, wall_seconds, meta FROM models ORDER BY rowid").fetchall()
-        return [{"name": n, "kind": k, "metrics": json.loads(m), "flops": f, "wall_seconds": w, "meta": json.loads(meta)}
-                for n, k, m, f, w, meta in rows]
+            rows = con.execute("SELECT name, seed, kind, metrics, flops, wall_seconds, meta FROM models "
+                               f"WHERE {CURRENT} ORDER BY (SELECT position FROM graph WHERE graph.key = models.key), "
+                               "rowid").fetchall()
+        return [{"name": n, "seed": s, "kind": k, "metrics": json.loads(m), "flops": f, "wall_seconds": w,
+                 "meta": json.loads(meta)} for n, s, k, m, f, w, meta in rows]
 
     # --- relearning curves ----------------------------------------------------------------
-    def record_attack(self, model: str, lr: float, step: int, metrics: dict[str, float]) -> None:
-        """One point of a relearning curve: `model` attacked at `lr`, evaluated after `step` steps (0 = before)."""
+    def record_attack(self, model: str, lr: float, step: int, metrics: dict[str, float], seed: int = 0,
+                      attack: str = "relearn", attack_seed: int = 0, key: Optional[str] = None) -> None:
+        """One point of an attack curve: `model` (of graph seed `seed`) attacked at `lr` with
+        attack seed `attack_seed`, evaluated after `step` steps (0 = before)."""
         where = f"results store, attack on '{model}'"
         lr = _number(lr, f"{where} lr")
         if not (lr > 0 and math.isfinite(lr)):
@@ -113,29 +144,38 @@ class ResultStore:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise UndoError(f"{where}: step must be an integer >= 0 (0 = before the attack), got {step!r}")
         with self._connect() as con:
-            con.execute("INSERT INTO attack_points (model, lr, step, metrics) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT(model, lr, step) DO UPDATE SET metrics=excluded.metrics",
-                        (model, lr, step, _metrics_json(metrics, where)))
+            con.execute("INSERT INTO attack_points (model, seed, attack, attack_seed, lr, step, metrics, key) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(model, seed, attack, attack_seed, lr, step) "
+                        "DO UPDATE SET metrics=excluded.metrics, key=excluded.key",
+                        (model, int(seed), attack, int(attack_seed), lr, step, _metrics_json(metrics, where), key))
 
-    def attack_points(self, model: str) -> list[dict[str, Any]]:
-        """The points of `model`'s relearning curves, ordered by lr then step: {lr, step, metrics}."""
+    def attack_points(self, model: str, seed: Optional[int] = None, attack: str = "relearn") -> list[dict[str, Any]]:
+        """The points of `model`'s curves of `attack` (of one graph seed, or all), ordered by
+        attack seed, lr, step: {lr, step, metrics, seed, attack_seed}."""
+        where, args = "model = ? AND attack = ?", [model, attack]
+        if seed is not None:
+            where, args = where + " AND seed = ?", args + [int(seed)]
         with self._connect() as con:
-            rows = con.execute("SELECT lr, step, metrics FROM attack_points WHERE model = ? ORDER BY lr, step",
-                               (model,)).fetchall()
-        return [{"lr": lr, "step": step, "metrics": json.loads(m)} for lr, step, m in rows]
+            rows = con.execute(f"SELECT lr, step, metrics, seed, attack_seed FROM attack_points WHERE {where} AND "
+                               f"{CURRENT} ORDER BY seed, attack_seed, lr, step", args).fetchall()
+        return [{"lr": lr, "step": step, "metrics": json.loads(m), "seed": s, "attack_seed": a}
+                for lr, step, m, s, a in rows]
 
     # --- stage times ----------------------------------------------------------------------
-    def record_stage_time(self, stage: str, seconds: float, cached: bool) -> None:
-        """How long `stage` took in the latest run (`cached`: it was skipped as already done)."""
+    def record_stage_time(self, stage: str, seconds: float, cached: bool, key: Optional[str] = None) -> None:
+        """How long `stage` took to compute (its own time, also when this run found it in the
+        cache: then `cached` is true)."""
         with self._connect() as con:
-            con.execute("INSERT INTO stage_times (stage, seconds, cached) VALUES (?, ?, ?) "
-                        "ON CONFLICT(stage) DO UPDATE SET seconds=excluded.seconds, cached=excluded.cached",
-                        (str(stage), _number(seconds, f"results store, stage '{stage}' seconds"), int(bool(cached))))
+            con.execute("INSERT INTO stage_times (stage, seconds, cached, key) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(stage) DO UPDATE SET seconds=excluded.seconds, cached=excluded.cached, "
+                        "key=excluded.key",
+                        (str(stage), _number(seconds, f"results store, stage '{stage}' seconds"), int(bool(cached)), key))
 
     def stage_times(self) -> list[dict[str, Any]]:
-        """[{stage, seconds, cached}] in the order stages were first recorded."""
+        """[{stage, seconds, cached}] of the current graph in the order stages were first recorded."""
         with self._connect() as con:
-            rows = con.execute("SELECT stage, seconds, cached FROM stage_times ORDER BY rowid").fetchall()
+            rows = con.execute(f"SELECT stage, seconds, cached FROM stage_times WHERE {CURRENT} ORDER BY "
+                               "(SELECT position FROM graph WHERE graph.key = stage_times.key), rowid").fetchall()
         return [{"stage": s, "seconds": sec, "cached": bool(c)} for s, sec, c in rows]
 
 

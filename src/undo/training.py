@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import arch, distributed
 from .data import BatchStream
-from .errors import UndoError
+from .errors import DivergedError, UndoError
 from .metrics import masked_ce
 from .models import non_embedding_params
 
@@ -176,6 +176,222 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """The pieces of one run after `accelerate` has wrapped them."""
+    acc: Accelerator
+    model: torch.nn.Module                # as prepared (DDP/FSDP wrapper); unwrap to see the HF model
+    forward: torch.nn.Module              # what the loss calls: `model`, compiled if asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]      # the optimizer's (FSDP: the sharded ones), for clipping
+    n_params: int                         # non-embedding parameters: 6 x n_params FLOPs per token
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """What the loop carries from step to step; all but the last three go into resume points."""
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0                  # wall seconds of the runs before the resume point
+    t0: float = 0.0                       # when this run's loop started
+    last_loss: float = float("nan")
+    stopped_early: bool = False
+
+
+def _optimizer_and_scheduler(params: list[torch.nn.Parameter],
+                             cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      foreach=True)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def _prepare(model: torch.nn.Module, params: Optional[list[torch.nn.Parameter]], cfg: TrainConfig,
+             acc: Accelerator, desc: str) -> _Prepared:
+    """Optimizer and schedule over `params` (default: all that require grad), handed to `accelerate`."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UndoError(f"{desc}: no trainable parameters; check the method's parameter selection")
+    optimizer, scheduler = _optimizer_and_scheduler(params, cfg)
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(model, True, desc)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # FSDP replaces the parameters with sharded ones and points the optimizer at them;
+    # clipping must see those, not the tensors collected before `prepare`.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    forward = torch.compile(model) if cfg.compile else model
+    return _Prepared(acc, model, forward, optimizer, scheduler, params, non_embedding_params(acc.unwrap_model(model)))
+
+
+def _check_micro_batches(cfg: TrainConfig, world: int, desc: str) -> None:
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise UndoError(f"{desc}: batch_size {cfg.batch_size} does not split into grad_accum ({cfg.grad_accum}) x "
+                        f"processes ({world}) equal micro-batches; choose a batch_size divisible by {cfg.grad_accum * world}")
+
+
+def _load_resume_point(acc: Accelerator, resume_dir: Optional[Path]) -> _LoopState:
+    """The loop state (and model, optimizer, scheduler, RNG) of the resume point in `resume_dir`;
+    a fresh state when there is none."""
+    if resume_dir is None or not (resume_dir / "state.json").exists():
+        return _LoopState()
+    saved = json.loads((resume_dir / "state.json").read_text())
+    acc.load_state(str(resume_dir / "accelerate"))
+    _set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
+    return _LoopState(step=saved["step"], tokens=saved["tokens"], flops=saved["flops"], history=saved["history"],
+                      elapsed=saved["elapsed"])
+
+
+def _save_resume_point(acc: Accelerator, resume_dir: Optional[Path], state: _LoopState) -> None:
+    """Write a resume point to a temporary directory, then swap it in for the old one."""
+    if resume_dir is None:
+        return
+    tmp = resume_dir.with_name(resume_dir.name + ".tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "accelerate").mkdir(parents=True)  # before anyone writes into it
+    acc.wait_for_everyone()
+    # Every process: under FSDP each writes its own shard (a collective); under DDP
+    # accelerate writes the weights from the main process and each process its RNG.
+    acc.save_state(str(tmp / "accelerate"), safe_serialization=False)
+    acc.wait_for_everyone()  # all have written before the main process moves the directory
+    if acc.is_main_process:
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "tokens": state.tokens, "flops": state.flops,
+                                                    "history": state.history,
+                                                    "elapsed": state.elapsed + time.time() - state.t0}))
+        old = resume_dir.with_name(resume_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if resume_dir.exists():
+            os.replace(resume_dir, old)
+        os.replace(tmp, resume_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _evaluate(run: _Prepared, state: _LoopState, evaluate: Optional[Callable[[torch.nn.Module], dict[str, float]]],
+              should_stop: Optional[Callable[[dict[str, float]], bool]]) -> bool:
+    """Evaluate at the current step into the history; whether `should_stop` says to stop."""
+    if evaluate is None:
+        return False
+    # Every process evaluates; the main process's numbers decide, so early stops agree.
+    metrics = distributed.broadcast(evaluate(run.acc.unwrap_model(run.model)))
+    state.history.append({"step": state.step, **metrics})
+    return should_stop is not None and metrics is not None and should_stop(metrics)
+
+
+def _micro_batches(run: _Prepared, streams: dict[str, BatchStream], cfg: TrainConfig, step: int, k: int) -> dict[str, Batch]:
+    """Micro-batch k*world + rank of the step's global batch: W processes with accumulation
+    K split it exactly as 1 process with accumulation W*K does, so the two runs agree."""
+    world = run.acc.num_processes
+    micro = cfg.batch_size // (cfg.grad_accum * world)
+    i = k * world + run.acc.process_index
+    out = {}
+    for name, stream in streams.items():
+        full = stream.batch(step)
+        out[name] = {key: v[i * micro:(i + 1) * micro].to(run.acc.device) for key, v in full.items()}
+    return out
+
+
+def _count(run: _Prepared, state: _LoopState, out: LossOutput, batches: dict[str, Batch]) -> None:
+    """Tokens and FLOPs of one micro-batch on every process (each process sees its own share)."""
+    world = run.acc.num_processes
+    local_tokens = sum(b["input_ids"].numel() for b in batches.values())
+    state.tokens += local_tokens * world
+    train_flops = 6.0 * run.n_params * local_tokens if out.train_flops is None else out.train_flops
+    state.flops += (train_flops + out.extra_flops) * world
+
+
+def _train_step(run: _Prepared, state: _LoopState, loss_fn: LossFn, streams: dict[str, BatchStream],
+                cfg: TrainConfig, step_hook: Optional[Callable], desc: str) -> dict[str, float]:
+    """One optimizer step: forward + backward over cfg.grad_accum micro-batches (gradients
+    synchronised on the last), a NaN check, clipping, the update; returns the mean logs."""
+    acc, world = run.acc, run.acc.num_processes
+    logs: dict[str, float] = {}
+    for k in range(cfg.grad_accum):
+        batches = _micro_batches(run, streams, cfg, state.step, k)
+        ctx = acc.no_sync(run.model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
+        with ctx, acc.autocast():
+            if step_hook is not None:
+                out = step_hook(run.forward, run.optimizer, lambda b=batches: loss_fn(run.forward, b))
+            else:
+                out = loss_fn(run.forward, batches)
+                acc.backward(out.loss / cfg.grad_accum)
+        # Several processes: the mean over processes, so that all of them see a NaN and stop together.
+        loss_value = (acc.reduce(out.loss.detach(), "mean") if world > 1 else out.loss).item()
+        if not math.isfinite(loss_value):
+            raise DivergedError(f"{desc}: loss became {loss_value} at step {state.step}; lower the learning rate "
+                               f"(now {cfg.lr:g}) or the number of steps. Nothing was saved from this run.")
+        logs = {key: logs.get(key, 0.0) + v / cfg.grad_accum for key, v in out.logs.items()}
+        state.last_loss = loss_value
+        _count(run, state, out, batches)
+    if cfg.grad_clip > 0:
+        acc.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return logs
+
+
+class _Progress:
+    """A progress bar on a terminal; without one, a line every 10% of the steps (at most
+    every 5 s); nothing on other processes or with UNDO_NO_PROGRESS=1."""
+
+    def __init__(self, cfg: TrainConfig, desc: str, state: _LoopState, main_process: bool):
+        self.steps, self.desc, self.start_step, self.t0 = cfg.steps, desc, state.step, state.t0
+        self.quiet = not main_process or os.environ.get("UNDO_NO_PROGRESS") == "1"
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, leave=False, mininterval=1.0,
+                        disable=self.quiet or not self.interactive)
+        self.log_every = max(1, cfg.steps // 10)
+        self.last_print = time.time()
+
+    def update(self, step: int, loss: float, logs: dict[str, float]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix({"loss": f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in list(logs.items())[:3]}}, refresh=False)
+        if not self.quiet and not self.interactive and step % self.log_every == 0 and time.time() - self.last_print >= 5:
+            self.last_print = time.time()
+            rate = (step - self.start_step) / max(time.time() - self.t0, 1e-9)
+            print(f"[undo] {self.desc}: step {step}/{self.steps} loss {loss:.4f} "
+                  f"({rate:.1f} steps/s, ETA {(self.steps - step) / max(rate, 1e-9):.0f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _full_state_dict(run: _Prepared) -> Optional[dict[str, torch.Tensor]]:
+    """FSDP: the full weights gathered from every shard (the main process gets them); else None."""
+    if run.acc.distributed_type != DistributedType.FSDP:
+        return None
+    gathered = run.acc.get_state_dict(run.model)  # a collective: every process takes part, the main one gets the weights
+    for group in arch.tied_parameters(run.model):  # a tied head is one tensor: saved once, as save_pretrained does
+        for name in group[1:]:
+            gathered.pop(name, None)
+    return gathered
+
+
+def _finish(run: _Prepared, state: _LoopState, cfg: TrainConfig, streams: dict[str, BatchStream],
+            evaluate: Optional[Callable], on_end: Optional[Callable], desc: str) -> TrainResult:
+    """After the last step: `on_end`, the final evaluation, the FSDP gather."""
+    if on_end is not None:
+        with torch.no_grad():
+            on_end(run.acc.unwrap_model(run.model), streams)
+    if evaluate is not None and (not state.history or state.history[-1]["step"] != state.step):
+        _evaluate(run, state, evaluate, None)
+    if cfg.gradient_checkpointing:  # a setting of this run, not of the model it leaves behind
+        set_activation_checkpointing(run.acc.unwrap_model(run.model), False, desc)
+    wall = state.elapsed + time.time() - state.t0
+    return TrainResult(steps=state.step, tokens=state.tokens, flops=state.flops, wall_seconds=wall,
+                       history=state.history, stopped_early=state.stopped_early, final_loss=state.last_loss,
+                       full_state_dict=_full_state_dict(run))
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -206,154 +422,24 @@ def train(
     before a resume point's weights replace them; on_end runs before the final evaluation.
     """
     seed_everything(seed)
-    acc = accelerator or make_accelerator(cfg)
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UndoError(f"{desc}: no trainable parameters; check the method's parameter selection")
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                      foreach=True)
-    else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if cfg.gradient_checkpointing:
-        set_activation_checkpointing(model, True, desc)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    # FSDP replaces the parameters with sharded ones and points the optimizer at them;
-    # clipping must see those, not the tensors collected before `prepare`.
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    forward_model = torch.compile(model) if cfg.compile else model
-
-    n_params = non_embedding_params(acc.unwrap_model(model))
+    run = _prepare(model, params, cfg, accelerator or make_accelerator(cfg), desc)
     if on_start is not None:  # before a resume point's weights replace the starting ones
         with torch.no_grad():
-            on_start(acc.unwrap_model(model), streams)
-    start_step, tokens, flops, history, elapsed = 0, 0, 0.0, [], 0.0
-    if resume_dir is not None and (resume_dir / "state.json").exists():
-        state = json.loads((resume_dir / "state.json").read_text())
-        acc.load_state(str(resume_dir / "accelerate"))
-        _set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
-        start_step, tokens, flops, history, elapsed = (state["step"], state["tokens"], state["flops"],
-                                                       state["history"], state["elapsed"])
-
-    def save_resume_point(step: int) -> None:
-        if resume_dir is None:
-            return
-        tmp = resume_dir.with_name(resume_dir.name + ".tmp")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "accelerate").mkdir(parents=True)  # before anyone writes into it
-        acc.wait_for_everyone()
-        # Every process: under FSDP each writes its own shard (a collective); under DDP
-        # accelerate writes the weights from the main process and each process its RNG.
-        acc.save_state(str(tmp / "accelerate"), safe_serialization=False)
-        acc.wait_for_everyone()  # all have written before the main process moves the directory
-        if acc.is_main_process:
-            torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "flops": flops,
-                                                        "history": history, "elapsed": elapsed + time.time() - t0}))
-            old = resume_dir.with_name(resume_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if resume_dir.exists():
-                os.replace(resume_dir, old)
-            os.replace(tmp, resume_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-
-    def run_eval(step: int) -> Optional[dict[str, float]]:
-        if evaluate is None:
-            return None
-        # Every process evaluates; the main process's numbers decide, so early stops agree.
-        metrics = distributed.broadcast(evaluate(acc.unwrap_model(model)))
-        history.append({"step": step, **metrics})
-        return metrics
-
-    rank, world = acc.process_index, acc.num_processes
-    if cfg.batch_size % (cfg.grad_accum * world):
-        raise UndoError(f"{desc}: batch_size {cfg.batch_size} does not split into grad_accum ({cfg.grad_accum}) x "
-                        f"processes ({world}) equal micro-batches; choose a batch_size divisible by {cfg.grad_accum * world}")
-    micro = cfg.batch_size // (cfg.grad_accum * world)
-
-    def micro_batches(step: int, k: int) -> dict[str, Batch]:
-        # Micro-batch k*world + rank of the step's global batch: W processes with accumulation
-        # K split it exactly as 1 process with accumulation W*K does, so the two runs agree.
-        i = k * world + rank
-        out = {}
-        for name, stream in streams.items():
-            full = stream.batch(step)
-            out[name] = {key: v[i * micro:(i + 1) * micro].to(acc.device) for key, v in full.items()}
-        return out
-
-    t0 = time.time()
-    stopped_early, last_loss = False, float("nan")
-    if start_step == 0 and evaluate is not None and cfg.eval_every:
-        metrics = run_eval(0)
-        if should_stop is not None and metrics is not None and should_stop(metrics):
-            stopped_early = True
-    step = start_step
-    quiet = not acc.is_main_process or os.environ.get("UNDO_NO_PROGRESS") == "1"
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, leave=False, mininterval=1.0,
-               disable=quiet or not interactive)
-    log_every = max(1, cfg.steps // 10)  # without a terminal: a progress line every 10% (at most every 5 s)
-    last_print = time.time()
-    model.train()
-    while step < cfg.steps and not stopped_early:
-        logs: dict[str, float] = {}
-        for k in range(cfg.grad_accum):
-            batches = micro_batches(step, k)
-            ctx = acc.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with ctx, acc.autocast():
-                if step_hook is not None:
-                    out = step_hook(forward_model, optimizer, lambda b=batches: loss_fn(forward_model, b))
-                else:
-                    out = loss_fn(forward_model, batches)
-                    acc.backward(out.loss / cfg.grad_accum)
-            # Several processes: the mean over processes, so that all of them see a NaN and stop together.
-            loss_value = (acc.reduce(out.loss.detach(), "mean") if world > 1 else out.loss).item()
-            if not math.isfinite(loss_value):
-                raise UndoError(f"{desc}: loss became {loss_value} at step {step}; lower the learning rate "
-                                f"(now {cfg.lr:g}) or the number of steps. Nothing was saved from this run.")
-            logs = {key: logs.get(key, 0.0) + v / cfg.grad_accum for key, v in out.logs.items()}
-            last_loss = loss_value
-            local_tokens = sum(b["input_ids"].numel() for b in batches.values())
-            tokens += local_tokens * world
-            train_flops = 6.0 * n_params * local_tokens if out.train_flops is None else out.train_flops
-            flops += (train_flops + out.extra_flops) * world
-        if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in list(logs.items())[:3]}}, refresh=False)
-        if not quiet and not interactive and step % log_every == 0 and time.time() - last_print >= 5:
-            last_print = time.time()
-            rate = (step - start_step) / max(time.time() - t0, 1e-9)
-            print(f"[undo] {desc}: step {step}/{cfg.steps} loss {last_loss:.4f} "
-                  f"({rate:.1f} steps/s, ETA {(cfg.steps - step) / max(rate, 1e-9):.0f}s)", file=sys.stderr, flush=True)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            metrics = run_eval(step)
-            if should_stop is not None and metrics is not None and should_stop(metrics):
-                stopped_early = True
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and not stopped_early:
-            save_resume_point(step)
-    bar.close()
-    if on_end is not None:
-        with torch.no_grad():
-            on_end(acc.unwrap_model(model), streams)
-    if evaluate is not None and (not history or history[-1]["step"] != step):
-        run_eval(step)
-    if cfg.gradient_checkpointing:  # a setting of this run, not of the model it leaves behind
-        set_activation_checkpointing(acc.unwrap_model(model), False, desc)
-    wall = elapsed + time.time() - t0
-    gathered = None
-    if acc.distributed_type == DistributedType.FSDP:
-        gathered = acc.get_state_dict(model)  # a collective: every process takes part, the main one gets the weights
-        for group in arch.tied_parameters(model):  # a tied head is one tensor: saved once, as save_pretrained does
-            for name in group[1:]:
-                gathered.pop(name, None)
-    return TrainResult(steps=step, tokens=tokens, flops=flops, wall_seconds=wall, history=history,
-                       stopped_early=stopped_early, final_loss=last_loss, full_state_dict=gathered)
+            on_start(run.acc.unwrap_model(run.model), streams)
+    state = _load_resume_point(run.acc, resume_dir)
+    _check_micro_batches(cfg, run.acc.num_processes, desc)
+    state.t0 = time.time()
+    if state.step == 0 and cfg.eval_every and _evaluate(run, state, evaluate, should_stop):
+        state.stopped_early = True
+    progress = _Progress(cfg, desc, state, run.acc.is_main_process)
+    run.model.train()
+    while state.step < cfg.steps and not state.stopped_early:
+        logs = _train_step(run, state, loss_fn, streams, cfg, step_hook, desc)
+        progress.update(state.step, state.last_loss, logs)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+            state.stopped_early = _evaluate(run, state, evaluate, should_stop)
+        if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps
+                and not state.stopped_early):
+            _save_resume_point(run.acc, resume_dir, state)
+    progress.close()
+    return _finish(run, state, cfg, streams, evaluate, on_end, desc)

@@ -1,6 +1,7 @@
 """The relearning attack: finetune a model on forget-domain data and watch the capability
 come back. Robustness is the worst case over learning rates: at each evaluation step, the
-best forget performance any learning rate has reached.
+best forget performance any learning rate has reached. Each learning rate is a run (a
+stage) of its own.
 
 The public code's arithmetic attack trained on add/sub (retain) data by mistake; here the
 attack data are the task's forget examples (optionally mixed with retain examples, as the
@@ -12,15 +13,15 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from ..artifacts import Artifact, source_key
-from ..config import config_hash, to_dict
+from ..config import to_dict
 from ..data import BatchStream, task_rows
 from ..errors import UndoError
 from ..models import load_model
 from ..tasks import build_task
 from ..training import TrainConfig, lm_loss, train
+from .base import Attack
 
 
 @dataclasses.dataclass
@@ -67,27 +68,29 @@ def attack_examples(task, cfg: AttackConfig, seed: int):
     return examples
 
 
-def relearn_stage(exp, run_dir: Path, target_name: str, target: Artifact, cfg: AttackConfig, lr: float,
-                  say=print) -> Artifact:
-    """One learning rate of the relearning attack on one model: the curve of metrics vs step."""
-    art = Artifact(run_dir, f"attack/{target_name}/lr{lr:g}")
-    key = config_hash("relearn", source_key(target), to_dict(cfg), lr, exp.seed, exp.task)
-    if art.is_done(key):
-        return art
-    task = build_task(exp.task, exp.seed)
-    model, tok = load_model(target.model_dir)
-    rows = task_rows(tok, task, attack_examples(task, cfg, exp.seed), cfg.seq_len)
-    stream = BatchStream(rows, cfg.batch_size, seed=exp.seed + 11, bucket=task.row_format() == "padded")
-    result = train(model, lm_loss, {"train": stream}, cfg.train_config(lr), seed=exp.seed,
-                   evaluate=lambda m: task.evaluate(m, tok, quick=cfg.quick_eval), desc=f"attack {target_name} lr={lr:g}")
-    art.write(key, {"target": target_name, "lr": lr, "curve": result.history, "flops": result.flops,
-                    "wall_seconds": result.wall_seconds, "config": to_dict(cfg)})
-    return art
+class Relearn(Attack):
+    name = "relearn"
+    description = "full finetuning on forget-domain data at each learning rate (worst case over lrs and steps)"
+    Options = AttackConfig
 
+    def points(self) -> list[dict[str, Any]]:
+        return [{"lr": lr} for lr in self.options.lrs]
 
-def relearn_attack(exp, run_dir: Path, target_name: str, target: Artifact, cfg: AttackConfig, say=print) -> dict[float, list[dict]]:
-    """The whole learning-rate sweep on one model: {lr: [{"step": k, **metrics}, ...]}."""
-    curves = {}
-    for lr in cfg.lrs:
-        curves[lr] = relearn_stage(exp, run_dir, target_name, target, cfg, lr, say).result()["curve"]
-    return curves
+    def point_label(self, point: dict[str, Any]) -> str:
+        return f"lr{point['lr']:g}"
+
+    def key_options(self) -> dict[str, Any]:
+        options = to_dict(self.options)
+        options.pop("lrs")  # one run depends on its own learning rate, not on the others of the sweep
+        return options
+
+    def run(self, exp, model_dir: Path, point: dict[str, Any], seed: int, desc: str) -> dict[str, Any]:
+        cfg, lr = self.options, point["lr"]
+        task = build_task(exp.task, exp.seed)
+        model, tok = load_model(model_dir)
+        rows = task_rows(tok, task, attack_examples(task, cfg, seed), cfg.seq_len)
+        stream = BatchStream(rows, cfg.batch_size, seed=seed + 11, bucket=task.row_format() == "padded")
+        result = train(model, lm_loss, {"train": stream}, cfg.train_config(lr), seed=seed,
+                       evaluate=lambda m: task.evaluate(m, tok, quick=cfg.quick_eval), desc=desc)
+        return {"lr": lr, "curve": result.history, "flops": result.flops, "wall_seconds": result.wall_seconds,
+                "config": to_dict(cfg)}

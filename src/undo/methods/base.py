@@ -3,7 +3,8 @@
 A method is a small class: a `name`, a one-line `description`, an `Options` dataclass
 of hyperparameters (reference defaults; `task_defaults[task]` overrides them where the
 paper used other values for a task), `train_defaults` (TrainConfig fields: steps, lr,
-...), what it `needs()` (a subset of NEEDS), and `loss(model, batches)`; optionally `start` /
+...; `Method` holds the common ones, a method states only what differs), what it
+`needs()` (a subset of NEEDS), and `loss(model, batches)`; optionally `start` /
 `finish` to look at or edit the weights around training. The unlearn
 stage (stage.py) does everything else: it loads frozen models only when `needs()` names
 them and hands them over with `attach`, builds the data streams, and runs the one
@@ -19,6 +20,7 @@ their forward passes are reported as `extra_flops` (2 x params x tokens).
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import difflib
 import importlib
@@ -35,13 +37,27 @@ from ..models import non_embedding_params
 from ..training import LossOutput
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxModel:
+    """An auxiliary model a method asks for: trained by the engine as a stage of its own."""
+
+    start: Literal["input", "random"] = "input"   # continue from the model being unlearned, or from scratch
+    data: Literal["forget", "retain", "all"] = "forget"
+    shard: Optional[tuple[int, int]] = None       # (index, count): one of `count` disjoint shards of the data
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig over the experiment's pretrain
+
+    def __hash__(self) -> int:
+        return hash((self.start, self.data, self.shard, tuple(sorted(self.train.items()))))
+
+
 NEEDS = ("forget", "retain", "reference", "teacher", "idk")
-FROZEN = ("reference", "teacher")  # needs that are models, not data
 RowFormat = Literal["packed", "padded"]
 RetainLoss = Literal["nll", "kl"]
 
 # name -> "module:Class", imported when used. Adding a method: one file + one line here.
-_REGISTRY: dict[str, str] = {
+_REGISTRY: dict[str, Any] = {
     "grad_ascent": "undo.methods.grad_ascent:GradAscent",
     "graddiff": "undo.methods.graddiff:GradDiff",
     "maxent": "undo.methods.maxent:MaxEnt",
@@ -62,7 +78,10 @@ class Method(abc.ABC):
     description: ClassVar[str]
     Options: ClassVar[type]
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
-    train_defaults: ClassVar[dict[str, Any]] = {}
+    # TrainConfig fields most methods train with; a method that differs states only the
+    # difference: train_defaults = dict(Method.train_defaults, steps=100, lr=1e-3)
+    train_defaults: ClassVar[dict[str, Any]] = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant",
+                                                    warmup_steps=0)
     row_format: ClassVar[RowFormat] = "packed"
     # What the forget loss itself needs; the retain term's needs are added from the options.
     forget_needs: ClassVar[frozenset[str]] = frozenset({"forget"})
@@ -73,6 +92,7 @@ class Method(abc.ABC):
         self.seed = seed
         self.reference: Optional[PreTrainedModel] = None
         self.teacher: Optional[PreTrainedModel] = None
+        self.aux: dict[str, PreTrainedModel] = {}
 
     def needs(self) -> frozenset[str]:
         """What the stage must supply (data streams and frozen models): the forget loss's needs,
@@ -82,19 +102,38 @@ class Method(abc.ABC):
             return self.forget_needs | retain_needs(o.retain_loss, o.retain_weight)
         return self.forget_needs
 
-    def attach(self, reference: Optional[PreTrainedModel] = None, teacher: Optional[PreTrainedModel] = None) -> None:
-        """Receive the frozen models named by `needs()`, and only those."""
+    def attach(self, reference: Optional[PreTrainedModel] = None, teacher: Optional[PreTrainedModel] = None,
+               aux: Optional[dict[str, PreTrainedModel]] = None) -> None:
+        """Receive the frozen models named by `needs()` and the auxiliary models named by
+        `aux_models()`, and only those."""
         for what, model in (("reference", reference), ("teacher", teacher)):
             if (model is not None) != (what in self.needs()):
                 state = "needs" if model is None else "does not use"
                 raise UndoError(f"method '{self.name}' {state} a {what} model; "
                                 f"the stage must pass exactly what needs() names")
-        self.reference, self.teacher = reference, teacher
+        if set(aux or {}) != set(self.aux_models()):
+            raise UndoError(f"method '{self.name}' declares auxiliary models {sorted(self.aux_models())} "
+                            f"but was given {sorted(aux or {})}")
+        self.reference, self.teacher, self.aux = reference, teacher, dict(aux or {})
+
+    def aux_models(self) -> dict[str, "AuxModel"]:
+        """Auxiliary models the engine trains and caches before this method runs (a reinforced
+        model, models on disjoint shards, ...), by name; they arrive frozen in `self.aux`."""
+        return {}
 
     def prepare(self, model: PreTrainedModel) -> None:
         """Check options against the model (e.g. layer indices) before training."""
 
-    def trainable_parameters(self, model: PreTrainedModel) -> list[torch.nn.Parameter]:
+    def adapt(self, model: PreTrainedModel) -> torch.nn.Module:
+        """The module to train: the model itself, or the model with added modules (peft
+        adapters) whose parameters `trainable_parameters` returns."""
+        return model
+
+    def export(self, model: torch.nn.Module) -> PreTrainedModel:
+        """The model to evaluate and save after training (e.g. adapters merged into the weights)."""
+        return model
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return list(model.parameters())
 
     def start(self, model: torch.nn.Module, streams: dict) -> None:
@@ -127,12 +166,21 @@ def known_methods() -> list[str]:
     return list(_REGISTRY)
 
 
+def register_method(name: str, target: "str | type[Method]") -> None:
+    """Add a method from outside the package ("module:Class" or the class itself); the engine
+    needs no change to run it."""
+    _REGISTRY[name] = target
+
+
 def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UndoError(f"unknown method '{name}'{hint}; known: {', '.join(_REGISTRY)} (see `undo methods`)")
-    module, cls = _REGISTRY[name].split(":")
+    target = _REGISTRY[name]
+    if not isinstance(target, str):
+        return target
+    module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
 
 

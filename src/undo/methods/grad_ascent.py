@@ -17,7 +17,7 @@ class GradAscent(Method):
     name = "grad_ascent"
     description = "gradient ascent on forget data: L = -CE(forget)"
     Options = GradAscentOptions
-    train_defaults = dict(steps=20, lr=1e-4, batch_size=16, schedule="constant", warmup_steps=0)
+    train_defaults = dict(Method.train_defaults, steps=20, lr=1e-4)
 
     def loss(self, model, batches) -> LossOutput:
         ce = ce_of(model, batches["forget"])

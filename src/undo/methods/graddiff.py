@@ -24,8 +24,6 @@ class GradDiff(Method):
     description = "gradient ascent on forget + descent on retain: -CE(forget) + a * (CE or KL to ref)(retain)"
     Options = GradDiffOptions
     task_defaults = {"arithmetic": {"retain_weight": 15.0}, "language": {"retain_weight": 1.0}}
-    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
-
 
     def loss(self, model, batches) -> LossOutput:
         forget_ce = ce_of(model, batches["forget"])

@@ -57,8 +57,6 @@ class IdkDPO(Method):
     Options = IdkDPOOptions
     forget_needs = frozenset({"forget", "idk", "reference"})
     row_format = "padded"
-    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
-
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

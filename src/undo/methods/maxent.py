@@ -30,8 +30,6 @@ class MaxEnt(Method):
     description = "maximise entropy on forget: f * KL(U || p)(forget) + a * (CE or KL to ref)(retain)"
     Options = MaxEntOptions
     task_defaults = {"wmdp": {"forget_weight": 0.8, "retain_weight": 0.2, "retain_loss": "kl"}}
-    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
-
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

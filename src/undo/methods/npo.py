@@ -34,8 +34,6 @@ class NPO(Method):
     Options = NPOOptions
     forget_needs = frozenset({"forget", "reference"})
     row_format = "padded"
-    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
-
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

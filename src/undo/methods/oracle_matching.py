@@ -33,7 +33,7 @@ class OracleMatching(Method):
     name = "oracle_matching"
     description = "distil the oracle's outputs into the base model: KL(p_oracle || p) on forget + retain data"
     Options = OracleMatchingOptions
-    train_defaults = dict(steps=100, lr=1e-3, batch_size=16, schedule="cosine", warmup_steps=5)
+    train_defaults = dict(Method.train_defaults, steps=100, lr=1e-3, schedule="cosine", warmup_steps=5)
 
     def needs(self):
         return frozenset({"forget", "retain", "teacher"})

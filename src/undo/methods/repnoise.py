@@ -69,7 +69,6 @@ class RepNoise(Method):
     name = "repnoise"
     description = "retain CE + b * MMD(forget activations, noise) - a * log(forget CE across layers + 1)"
     Options = RepNoiseOptions
-    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
 
     def needs(self):
         return frozenset({"forget", "retain"})

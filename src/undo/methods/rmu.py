@@ -54,7 +54,7 @@ class RMU(Method):
     task_defaults = {"arithmetic": {"steering_coef": 6.0, "retain": False},
                      "language": {"steering_coef": 6.5, "retain": False},
                      "wmdp": {"steering_coef": 80.0, "layers": [10, 11, 12, 13, 14, 15], "layer": 15}}
-    train_defaults = dict(steps=100, lr=1e-3, batch_size=16, schedule="constant", warmup_steps=0)
+    train_defaults = dict(Method.train_defaults, steps=100, lr=1e-3)
 
     def __init__(self, options, task=None, seed=0):
         super().__init__(options, task, seed)

@@ -73,8 +73,23 @@ class SAM(Method):
     def needs(self):
         return self.base.needs()
 
-    def attach(self, reference=None, teacher=None) -> None:
-        self.base.attach(reference=reference, teacher=teacher)
+    def aux_models(self):
+        return self.base.aux_models()
+
+    def attach(self, reference=None, teacher=None, aux=None) -> None:
+        self.base.attach(reference=reference, teacher=teacher, aux=aux)
+
+    def adapt(self, model):
+        return self.base.adapt(model)
+
+    def export(self, model):
+        return self.base.export(model)
+
+    def start(self, model, streams) -> None:
+        self.base.start(model, streams)
+
+    def finish(self, model, streams) -> None:
+        self.base.finish(model, streams)
 
     def prepare(self, model) -> None:
         self.base.prepare(model)

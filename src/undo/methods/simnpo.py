@@ -31,8 +31,6 @@ class SimNPO(Method):
     description = "reference-free NPO on length-normalised forget NLL (+ retain term)"
     Options = SimNPOOptions
     row_format = "padded"
-    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
-
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

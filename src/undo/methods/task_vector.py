@@ -26,7 +26,7 @@ class TaskVector(Method):
     name = "task_vector"
     description = "finetune on forget data, then subtract the change: theta - l * (theta_ft - theta)"
     Options = TaskVectorOptions
-    train_defaults = dict(steps=50, lr=1e-3, batch_size=16, schedule="constant", warmup_steps=0)
+    train_defaults = dict(Method.train_defaults, steps=50, lr=1e-3)
 
     def start(self, model, streams) -> None:
         self._theta = [p.detach().clone() for p in model.parameters() if p.requires_grad]

@@ -38,8 +38,6 @@ class UNDIAL(Method):
     description = "self-distil from the reference with the true token's logit lowered by b (+ retain term)"
     Options = UNDIALOptions
     forget_needs = frozenset({"forget", "reference"})
-    train_defaults = dict(steps=30, lr=3e-4, batch_size=16, schedule="constant", warmup_steps=0)
-
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options

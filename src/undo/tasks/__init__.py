@@ -9,7 +9,7 @@ from ..config import from_dict
 from ..errors import UndoError
 from .base import Example, Task
 
-_REGISTRY: dict[str, str] = {
+_REGISTRY: dict[str, Any] = {
     # name -> "module:Class", imported lazily so a task's optional deps load only when used
     "arithmetic": "undo.tasks.arithmetic:ArithmeticTask",
     "language": "undo.tasks.language:LanguageTask",
@@ -31,12 +31,20 @@ def known_tasks() -> list[str]:
     return list(_REGISTRY)
 
 
+def register_task(name: str, target: "str | type[Task]") -> None:
+    """Add a task from outside the package ("module:Class" or the class itself)."""
+    _REGISTRY[name] = target
+
+
 def task_class(name: str) -> type[Task]:
     if name not in _REGISTRY:
         raise UndoError(f"unknown task '{name}'; known tasks: {', '.join(_REGISTRY)}")
     import importlib
 
-    module, cls = _REGISTRY[name].split(":")
+    target = _REGISTRY[name]
+    if not isinstance(target, str):
+        return target
+    module, cls = target.split(":")
     try:
         return getattr(importlib.import_module(module), cls)
     except ModuleNotFoundError as e:
@@ -49,4 +57,4 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
     return cls(options, seed)
 
 
-__all__ = ["Example", "Task", "TaskConfig", "build_task", "known_tasks", "task_class"]
+__all__ = ["Example", "Task", "TaskConfig", "build_task", "known_tasks", "register_task", "task_class"]

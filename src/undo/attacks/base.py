@@ -1,0 +1,82 @@
+"""The attack interface and registry.
+
+An attack is a small class: a `name`, a one-line `description`, an `Options` dataclass,
+`points()` (its independent runs, e.g. one per learning rate: each becomes a stage of its
+own, cached by a key that covers only that run) and `run(...)`, which attacks one model
+with one point and returns the sidecar: at least "curve", a list of {"step": k, **metrics}
+(one entry for a one-shot attack), plus "flops" and "wall_seconds".
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from ..config import from_dict
+from ..errors import UndoError
+
+# name -> "module:Class", imported when used. Adding an attack: one file + one line here.
+_REGISTRY: dict[str, Any] = {
+    "relearn": "undo.attacks.relearn:Relearn",
+}
+
+
+class Attack(abc.ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type]
+    version: ClassVar[int] = 1          # bump when the attack's semantics change (part of the cache key)
+
+    def __init__(self, options: Any):
+        self.options = options
+
+    def points(self) -> list[dict[str, Any]]:
+        """The independent runs of this attack (JSON-able); each is one stage per model."""
+        return [{}]
+
+    def point_label(self, point: dict[str, Any]) -> str:
+        return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items()) or "run"
+
+    def key_options(self) -> dict[str, Any]:
+        """The options one run depends on besides its point (override to drop the list the
+        points come from, so that adding a learning rate does not invalidate the others).
+        The attack is rebuilt from these for each run."""
+        from ..config import to_dict
+
+        return to_dict(self.options)
+
+    @abc.abstractmethod
+    def run(self, exp: Any, model_dir: Path, point: dict[str, Any], seed: int, desc: str) -> dict[str, Any]:
+        """Attack the checkpoint at `model_dir`; return the sidecar (curve, flops, wall_seconds)."""
+
+
+def known_attacks() -> list[str]:
+    return list(_REGISTRY)
+
+
+def register_attack(name: str, target: "str | type[Attack]") -> None:
+    """Add an attack from outside the package ("module:Class" or the class itself)."""
+    _REGISTRY[name] = target
+
+
+def attack_class(name: str) -> type[Attack]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UndoError(f"unknown attack '{name}'{hint}; known: {', '.join(_REGISTRY)} (see `undo attacks`)")
+    target = _REGISTRY[name]
+    if not isinstance(target, str):
+        return target
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def attack_options(name: str, options: Optional[dict[str, Any]], where: str = "attack options") -> Any:
+    return from_dict(attack_class(name).Options, options or {}, where)
+
+
+def build_attack(name: str, options: Optional[dict[str, Any]] = None) -> Attack:
+    return attack_class(name)(attack_options(name, options, f"attack '{name}' options"))

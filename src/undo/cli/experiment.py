@@ -1,0 +1,139 @@
+"""Whole experiments: `undo run`, `undo plan`, `undo pretrain`, `undo eval`, `undo report`, `undo presets`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import UndoError
+from .common import add_config_args, run_dir_for
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..engine.executors import RayOptions
+    from ..engine.run import run_experiment
+    from ..experiment import load_experiment
+
+    exp = load_experiment(args.config, args.overrides)
+    ray = RayOptions(address=args.address, num_cpus=args.num_cpus, gpus_per_stage=args.gpus_per_stage)
+    run_experiment(exp, run_dir_for(args, exp.name), executor=args.executor, ray_options=ray)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..engine.graph import build_graph
+    from ..engine.plan import plan_json, plan_text
+    from ..experiment import load_experiment
+
+    exp = load_experiment(args.config, args.overrides)
+    graph = build_graph(exp)
+    run_dir = run_dir_for(args, exp.name)
+    print(plan_json(graph, run_dir) if args.json else plan_text(graph, run_dir))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ..engine.executors import inputs_of
+    from ..engine.graph import build_graph
+    from ..engine.runner import run_stage
+    from ..experiment import load_experiment
+
+    exp = load_experiment(args.config, args.overrides)
+    run_dir = run_dir_for(args, exp.name)
+    wanted = list(exp.models) if args.which in ("all", "both") else [args.which]
+    unknown = [w for w in wanted if w not in exp.models]
+    if unknown:
+        raise UndoError(f"--which {unknown[0]}: the experiment has no starting model of that name; "
+                        f"models: {', '.join(exp.models)}")
+    graph = build_graph(exp)
+    for node in graph.nodes.values():
+        if node.kind in ("pretrain", "checkpoint") and node.name in wanted:
+            art = run_stage(node, exp.for_seed(node.seed), run_dir, inputs_of(node, run_dir))
+            print(f"{node.id}: {art.model_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..experiment import load_experiment
+    from ..stages.evaluate import evaluate_model
+    from .common import external_artifact
+
+    exp = load_experiment(args.config, args.overrides)
+    metrics = evaluate_model(str(external_artifact(args.model).model_dir), exp)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        width = max(len(k) for k in metrics)
+        for k, v in metrics.items():
+            print(f"{k:{width}s}  {v:.4f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import summary_text, write_report
+    from ..store import ResultStore
+
+    run_dir = Path(args.run_dir).expanduser()
+    db, info = run_dir / "results.sqlite", run_dir / "task.json"
+    if not db.exists() or not info.exists():
+        raise UndoError(f"{run_dir} has no finished run (results.sqlite and task.json); run `undo run` first")
+    try:
+        task = json.loads(info.read_text())
+    except json.JSONDecodeError:
+        raise UndoError(f"{info} is corrupt; rerun `undo run` with the same config to rewrite it") from None
+    store = ResultStore(db)
+    path = write_report(run_dir, store, task)
+    print(summary_text(store, task))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from ..experiment import preset_names
+    from ..models import PRESETS
+
+    print("experiment presets (undo run NAME):")
+    for name in preset_names():
+        print(f"  {name}")
+    print("model presets (model.preset):")
+    for name, (arch, _, about) in PRESETS.items():
+        print(f"  {name:14s} {arch:8s} {about}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a whole experiment: its stage graph (pretrain, unlearn, UNDO, attacks), "
+                                   "then the report")
+    add_config_args(p)
+    p.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
+                   help="where stages run: in this process, in order (default), or on Ray, independent stages "
+                        "side by side (pip install -e '.[ray]')")
+    p.add_argument("--address", default=None, help="Ray: a cluster's HOST:PORT (default: a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="Ray: workers of a local Ray (default: all cores)")
+    p.add_argument("--gpus-per-stage", type=float, default=0.0, help="Ray: GPUs each training stage requests")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="print the experiment's stage graph: inputs, cache keys, done or not, "
+                                    "estimated FLOPs and time")
+    add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("pretrain", help="the starting models: pretrain base (retain+forget) and oracle (retain only)")
+    add_config_args(p)
+    p.add_argument("--which", default="all", help="a starting model's name (base, oracle, ...) or all")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="evaluate any checkpoint on the experiment's task")
+    p.add_argument("--model", required=True, help="checkpoint directory (HF format) or a run's stage directory")
+    add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="write the HTML report of a finished run")
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("presets", help="list experiment and model presets")
+    p.set_defaults(func=cmd_presets)
