@@ -82,6 +82,23 @@ def test_bad_options():
         build_task(TaskConfig("arithmetics"), 0)
 
 
+@pytest.mark.parametrize("key", ["eval_per_format", "quick_eval_per_format", "examples_per_operation"])
+def test_sizes_of_zero_are_rejected_at_config_load(key):
+    with pytest.raises(UndoError, match=rf"task.options.{key} must be at least 1, got 0"):
+        from_dict(ArithmeticOptions, {key: 0}, "task.options")
+
+
+def test_empty_forget_or_retain_is_rejected_at_config_load():
+    for side in ("forget", "retain"):
+        with pytest.raises(UndoError, match="forget and retain each need at least one operation"):
+            from_dict(ArithmeticOptions, {side: []}, "task.options")
+
+
+def test_the_smallest_operand_range_still_has_evaluation_problems():
+    task = ArithmeticTask(ArithmeticOptions(retain_max_operand=2, forget_max_operand=2, examples_per_operation=8), 0)
+    assert all(task.eval_examples()[(op, "equation")] for op in ("addition", "subtraction", "multiplication", "division"))
+
+
 def test_pairs_and_answers():
     assert len(operand_pairs("multiplication", 20)) == 400
     assert len(operand_pairs("subtraction", 50)) == 50 * 51 // 2

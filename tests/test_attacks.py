@@ -2,7 +2,12 @@
 
 import re
 
-from undo.attacks.relearn import AttackConfig, attack_examples
+import pytest
+
+from undo.attacks.relearn import AttackConfig, Relearn, attack_examples
+from undo.config import from_dict
+from undo.errors import UndoError
+from undo.training import lr_lambda
 from undo.tasks.arithmetic import ArithmeticOptions, ArithmeticTask
 
 
@@ -32,3 +37,16 @@ def test_forget_attack_data_is_forget_only_and_capped():
     assert len(examples) == 16 and all(ex in forget for ex in examples)
     everything = attack_examples(t, AttackConfig(data="forget", steps=1000, batch_size=8), seed=0)
     assert sorted(everything, key=repr) == sorted(t.train_examples("forget"), key=repr)
+
+
+def test_the_attack_trains_at_a_constant_learning_rate_with_no_warmup():
+    cfg = AttackConfig(steps=20).train_config(1e-3)
+    assert cfg.warmup_steps == 0 and cfg.schedule == "constant" and cfg.lr == 1e-3
+    assert [lr_lambda(cfg)(step) for step in range(cfg.steps)] == [1.0] * cfg.steps
+    assert Relearn.version == 1  # the warmup step it had scaled step 0 by 1: the same numbers, cache kept
+
+
+@pytest.mark.parametrize("key, value", [("steps", 0), ("eval_every", 0), ("batch_size", 0), ("seq_len", 1)])
+def test_attack_settings_that_cannot_run_are_rejected(key, value):
+    with pytest.raises(UndoError, match=rf"attack.{key} must be at least"):
+        from_dict(AttackConfig, {key: value}, "attack")

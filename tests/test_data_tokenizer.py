@@ -36,6 +36,17 @@ def test_empty_corpus_is_an_error():
         train_tokenizer([], "bpe")
 
 
+def test_a_vocabulary_too_small_for_the_text_is_an_error():
+    with pytest.raises(UndoError, match=r"tokenizer.vocab_size 100 is below the 260 tokens a byte-level BPE needs"):
+        train_tokenizer(CORPUS, "bpe", vocab_size=100)
+    chars = len(set("".join(CORPUS)))
+    with pytest.raises(UndoError, match=rf"vocab_size 10 is below the {chars + 4} tokens a character tokenizer "
+                                        rf"needs for this text \({chars} characters \+ 4 special tokens\)"):
+        train_tokenizer(CORPUS, "char", vocab_size=10)
+    assert len(train_tokenizer(CORPUS, "char", vocab_size=chars + 4)) == chars + 4
+    assert len(train_tokenizer(CORPUS, "bpe", vocab_size=260)) == 260
+
+
 def test_loss_mask_completion_vs_all():
     tok = train_tokenizer(CORPUS, "char")
     ex = Example("3 + 4 =", " 7")

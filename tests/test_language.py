@@ -198,6 +198,18 @@ def test_files_source_errors_name_the_file(tmp_path):
         LanguageTask(LanguageOptions(source="files", retain_files=[str(en)], forget_files=[str(one)]), seed=0)
 
 
+@pytest.mark.parametrize("empty_option", ["retain_files", "forget_files", "forget_eval_files"])
+def test_a_files_source_with_no_rows_stops_at_task_build(tmp_path, empty_option):
+    """An empty split (a file with no text) fails when the task is built, before any stage trains."""
+    texts = tmp_path / "text.txt"
+    texts.write_text("a b\nc d\ne f\n", encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    options = {"source": "files", "retain_files": [str(texts)], "forget_files": [str(texts)], empty_option: [str(empty)]}
+    with pytest.raises(UndoError, match=r"empty\.txt: no documents in it \(empty, or only blank text\); give a file with text"):
+        build_task(TaskConfig("language", options), 0)
+
+
 def test_bundled_source_without_faker_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "faker", None)  # import faker now fails as if not installed
     with pytest.raises(UndoError, match=r"needs the faker package.*undo\[text\]"):

@@ -143,3 +143,14 @@ def test_gaussian_mmd_of_identical_samples_is_zero_with_finite_gradient():
     mmd.backward()
     assert mmd.item() == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(x.grad).all()
+
+
+def test_next_token_positions_are_the_attention_mask_shifted_like_the_logits():
+    from undo.losses import next_token_positions
+
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    # position t counts when tokens t and t+1 are both real: a row's last real position never does
+    assert next_token_positions(right).tolist() == [[True, True, False, False], [True, False, False, False],
+                                                    [True, True, True, False]]
+    left = torch.tensor([[0, 0, 1, 1]])  # left padding: the pad before the first token predicts nothing of the row
+    assert next_token_positions(left).tolist() == [[False, False, True, False]]

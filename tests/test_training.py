@@ -128,3 +128,28 @@ def test_a_loss_that_knows_its_cost_replaces_six_n_tokens(setup):
     result = train(model, priced, {"train": BatchStream(rows, 8, seed=0)},
                    TrainConfig(steps=3, batch_size=8, grad_accum=2, checkpoint_every=0), seed=0)
     assert result.flops == 3 * 2 * (1000.0 + 7.0)
+
+
+def test_a_failed_resume_point_write_is_one_error_and_leaves_no_temporary_directory(setup, tmp_path, monkeypatch):
+    import errno
+
+    from undo import training
+
+    tok, rows = setup
+
+    def full_disk(obj, path, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training.torch, "save", full_disk)  # the RNG state, after accelerate wrote the weights
+    resume = tmp_path / "stage.resume" / "k"
+    with pytest.raises(UndoError, match=r"cannot write .*stage.resume/k \(No space left on device\); free disk space"):
+        _train(tok, rows, 4, resume_dir=resume, checkpoint_every=2)
+    assert sorted(p.name for p in resume.parent.iterdir()) == []  # no k.tmp, no half-written resume point
+
+
+def test_seq_len_below_two_is_rejected_at_config_load():
+    from undo.config import from_dict
+
+    for seq_len in (1, 0, -3):
+        with pytest.raises(UndoError, match=rf"pretrain.seq_len must be at least 2, got {seq_len}"):
+            from_dict(TrainConfig, {"seq_len": seq_len}, "pretrain")

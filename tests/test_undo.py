@@ -87,6 +87,42 @@ def test_teacher_logits_computed_once_per_batch():
     assert out.extra_flops > 0 and out.loss.item() > 0
 
 
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits are given: the loss is then plain arithmetic."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": self.logits})()
+
+
+def test_distill_loss_counts_only_positions_that_predict_a_real_token(monkeypatch):
+    """Row 0 has 3 real tokens, row 1 has 2 (then padding). Position t predicts token t+1, so
+    the KL falls on (0, 0), (0, 1) and (1, 0) only: not on the padding, and not on a row's last
+    real position, whose prediction is of nothing in the data."""
+    import undo.stages.undo as undo_stage
+
+    monkeypatch.setattr(undo_stage, "non_embedding_params", lambda model: 0)
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+             "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+
+    def kl(b, pos):
+        p, q = torch.softmax(t[b, pos], -1), torch.softmax(s[b, pos], -1)
+        return sum(p[v].item() * (math.log(p[v].item()) - math.log(q[v].item())) for v in range(3))
+
+    expected = (kl(0, 0) + kl(0, 1) + kl(1, 0)) / 3
+    loss = distill_loss_fn(FixedLogits(t), 1.0)(FixedLogits(s), {"train": batch}).loss
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    for b, pos in ((0, 2), (0, 3), (1, 1), (1, 2), (1, 3)):  # the last real position and the padding
+        t[b, pos], s[b, pos] = torch.tensor([9.0, -9.0, 0.0]), torch.tensor([-9.0, 9.0, 3.0])
+    again = distill_loss_fn(FixedLogits(t), 1.0)(FixedLogits(s), {"train": batch}).loss
+    assert again.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_stop_rule():
     acc = retain_recovered("absolute", 0.05, True, teacher_value=0.9)
     assert acc({"r": 0.86}, "r") and not acc({"r": 0.84}, "r")

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__, distributed
-from .errors import UndoError
+from .errors import UndoError, write_errors
 
 
 def versions() -> dict[str, str]:
@@ -61,43 +61,74 @@ class Artifact:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            result = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UndoError(f"{path} is corrupt (not JSON); delete {self.dir} and rerun to recompute the stage") from None
+            result = None
+        if not isinstance(result, dict):
+            raise UndoError(f"{path} is corrupt (not a JSON object); delete {self.dir} and rerun to recompute the stage")
+        return result
 
     def is_done(self, key: str) -> bool:
         result = self.result()
         return result is not None and result.get("key") == key
 
+    def check_replaceable(self, kind: Optional[str]) -> None:
+        """UndoError unless a stage of `kind` may be written here: `<stage>/` is absent or empty,
+        or it is an artifact undo wrote for a stage of the same kind (a rerun with other settings
+        replaces it). Anything else is never replaced: undo deletes only what it wrote."""
+        where = "choose another run directory (--run-dir / --out) or name, or move it away"
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UndoError(f"{self.dir} exists and is a file, not a stage directory; {where}")
+        if not self.dir.exists() or not any(self.dir.iterdir()):
+            return
+        result = self.result()  # a corrupt result.json raises here, naming the fix
+        if result is None or "key" not in result:
+            raise UndoError(f"{self.dir} exists and holds files undo did not write (no result.json of a stage); "
+                            f"nothing was replaced; {where}")
+        if kind is not None and result.get("kind", kind) != kind:
+            raise UndoError(f"{self.dir} holds the artifact of another kind of stage ({result['kind']}, not {kind}); "
+                            f"nothing was replaced; {where}")
+
     def write(self, key: str, sidecar: dict[str, Any], model: Optional[PreTrainedModel] = None,
               tokenizer: Optional[PreTrainedTokenizerBase] = None, extra_files: Optional[dict[str, str]] = None,
-              state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+              state_dict: Optional[dict[str, torch.Tensor]] = None, force: bool = False) -> None:
         """Write the whole artifact to `<stage>.partial` and move it into place in one rename.
 
         Every process of a multi-process run calls this; the main one writes (with
         `state_dict`, the gathered weights of a sharded model, when given) and the
-        others wait until the artifact is in place."""
+        others wait until the artifact is in place. A directory in the way that is not an
+        artifact of the same kind of stage is refused (`check_replaceable`) unless `force`."""
         if distributed.is_main_process():
+            if not force:
+                self.check_replaceable(sidecar.get("kind"))
             self._write(key, sidecar, model, tokenizer, extra_files, state_dict)
         distributed.barrier()
 
     def _write(self, key, sidecar, model, tokenizer, extra_files, state_dict) -> None:
+        """A failed write (disk full, read-only directory) leaves no `.partial` behind and the
+        previous artifact, if any, in place; it ends as one UndoError naming the path."""
         tmp = self.partial_dir
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if model is not None:
-            model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=state_dict)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "model"))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        body = {"stage": self.stage, "key": key, **sidecar, "versions": versions(), "argv": sys.argv}
-        (tmp / "result.json").write_text(json.dumps(body, indent=2, default=str))
         old = self.dir.with_name(self.dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.dir.exists():
-            os.replace(self.dir, old)
-        os.replace(tmp, self.dir)
+        with write_errors(self.dir, cleanup=tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if model is not None:
+                model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=state_dict)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp / "model"))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            body = {"stage": self.stage, "key": key, **sidecar, "versions": versions(), "argv": sys.argv}
+            (tmp / "result.json").write_text(json.dumps(body, indent=2, default=str))
+            shutil.rmtree(old, ignore_errors=True)
+            if self.dir.exists():
+                os.replace(self.dir, old)
+            try:
+                os.replace(tmp, self.dir)
+            except OSError:
+                if old.exists() and not self.dir.exists():
+                    os.replace(old, self.dir)  # the previous artifact goes back where it was
+                raise
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.resume_dir, ignore_errors=True)
 

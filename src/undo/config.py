@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -105,6 +106,11 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     if check is not None:
         check(where)
     return obj
+
+
+def expand_path(path: Optional[str]) -> Optional[str]:
+    """A path from a config or the command line with `~` expanded (None and "" stay as they are)."""
+    return os.path.expanduser(path) if path else path
 
 
 def to_dict(obj: Any) -> Any:

@@ -144,7 +144,7 @@ def _datasets_documents(path: Path, field: str, split: Optional[str]) -> Iterato
 def iter_documents(path: str | Path, text_field: str = "text", txt_mode: TxtMode = "line",
                    split: Optional[str] = None) -> Iterator[str]:
     """Documents of one corpus path, lazily, stripped, empty ones skipped."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise UndoError(f"corpus file {path} does not exist; check the path")
     kind = _kind(path)

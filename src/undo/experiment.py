@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .attacks import attack_options
-from .config import apply_overrides, from_dict, load_yaml
+from .config import apply_overrides, expand_path, from_dict, load_yaml
 from .errors import UndoError
 from .models import ModelConfig
 from .tasks import TaskConfig
+from .tokenization import BPE_MIN_VOCAB
 from .training import TrainConfig
 
 
@@ -32,6 +33,14 @@ class TokenizerConfig:
     split_digits: bool = False
     path: Optional[str] = None  # an existing HF tokenizer directory instead of training one
 
+    def validate(self, where: str) -> None:
+        self.path = expand_path(self.path)
+        if self.path is None and self.kind == "bpe" and self.vocab_size < BPE_MIN_VOCAB:
+            raise UndoError(f"{where}.vocab_size {self.vocab_size} is below the {BPE_MIN_VOCAB} tokens a byte-level BPE "
+                            f"needs (256 bytes + 4 special tokens); set {where}.vocab_size to at least {BPE_MIN_VOCAB}")
+        if self.vocab_size < 1:
+            raise UndoError(f"{where}.vocab_size must be positive, got {self.vocab_size}")
+
 
 @dataclasses.dataclass
 class StartModel:
@@ -40,6 +49,9 @@ class StartModel:
     data: Literal["all", "retain"] = "all"  # all = retain + forget (base); retain = data filtering (oracle)
     path: Optional[str] = None              # a local Hugging Face checkpoint instead of pretraining
     train: dict[str, Any] = dataclasses.field(default_factory=dict)  # over the experiment's `pretrain`
+
+    def validate(self, where: str) -> None:
+        self.path = expand_path(self.path)
 
 
 def _default_models() -> dict[str, StartModel]:

@@ -26,6 +26,17 @@ def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def next_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions whose next token is a real one (tokens t and t + 1 both unpadded),
+    the positions of a row whose prediction is of a token in the data. A row's last real position
+    predicts past its text and a padding position predicts padding: neither counts. It is
+    `attention_mask` shifted as the logits are (position t predicts token t + 1)."""
+    real = attention_mask.bool()
+    mask = torch.zeros_like(real)
+    mask[:, :-1] = real[:, :-1] & real[:, 1:]
+    return mask
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` [B, T] over positions where `mask` is True (0 if none are)."""
     mask = mask.to(values.dtype)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import expand_path
 from .errors import UndoError
 from .tokenization import load_tokenizer
 
@@ -53,6 +54,7 @@ class ModelConfig:
     dtype: str = "float32"  # weights' storage dtype; training autocasts to bf16 on GPU
 
     def validate(self, where: str) -> None:
+        self.path = expand_path(self.path)
         if self.path is None and self.preset not in PRESETS:
             raise UndoError(f"{where}.preset: unknown model preset '{self.preset}'; known: {', '.join(PRESETS)}")
 
@@ -128,7 +130,7 @@ def causal_lm_problem(path: Path) -> Optional[str]:
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any HF causal LM + its tokenizer from a local directory (never the network)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise UndoError(f"model path {path} does not exist; give a checkpoint directory (e.g. runs/<name>/seed0/base/model)")
     problem = causal_lm_problem(path)

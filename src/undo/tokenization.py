@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from .errors import UndoError
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+BPE_MIN_VOCAB = 256 + len(SPECIALS)  # a byte-level BPE holds every byte and the special tokens before any merge
 
 
 def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", vocab_size: int = 512,
@@ -25,7 +26,8 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", 
     """Train a tokenizer on `texts`.
 
     char: one token per character seen (plus <unk> for unseen ones); exact round trip.
-    bpe:  byte-level BPE of `vocab_size`; encodes any text. With `split_digits` every digit
+          `vocab_size` must hold them all (and the special tokens).
+    bpe:  byte-level BPE of `vocab_size` (at least BPE_MIN_VOCAB); encodes any text. With `split_digits` every digit
           is its own token; without, a run of digits is one pre-token that BPE may merge,
           so frequent numbers become single tokens.
     """
@@ -36,11 +38,19 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", 
     if kind == "char":
         alphabet = sorted(set("".join(texts)))
         vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+        if len(vocab) > vocab_size:
+            raise UndoError(f"tokenizer.vocab_size {vocab_size} is below the {len(vocab)} tokens a character tokenizer "
+                            f"needs for this text ({len(alphabet)} characters + {len(specials)} special tokens); "
+                            f"set tokenizer.vocab_size to at least {len(vocab)}")
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
         # Each character is its own pre-token, so no merge can ever apply.
         tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
         tok.decoder = decoders.Fuse()
     elif kind == "bpe":
+        if vocab_size < BPE_MIN_VOCAB:
+            raise UndoError(f"tokenizer.vocab_size {vocab_size} is below the {BPE_MIN_VOCAB} tokens a byte-level BPE "
+                            f"needs (256 bytes + {len(specials)} special tokens); set tokenizer.vocab_size to at least "
+                            f"{BPE_MIN_VOCAB}")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=split_digits), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -59,7 +69,7 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["char", "bpe"] = "bpe", 
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise UndoError(f"tokenizer path {path} does not exist; pass a directory with tokenizer files")
     try:

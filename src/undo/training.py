@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import arch, distributed
 from .data import BatchStream
-from .errors import DivergedError, UndoError
+from .errors import DivergedError, UndoError, write_errors
 from .metrics import masked_ce
 from .models import non_embedding_params
 
@@ -63,6 +63,8 @@ class TrainConfig:
     def validate(self, where: str) -> None:
         if self.steps < 0:
             raise UndoError(f"{where}.steps must be >= 0, got {self.steps}")
+        if self.seq_len < 2:  # a row must hold a token and the next one it predicts
+            raise UndoError(f"{where}.seq_len must be at least 2, got {self.seq_len}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise UndoError(f"{where}: batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -248,30 +250,38 @@ def _load_resume_point(acc: Accelerator, resume_dir: Optional[Path]) -> _LoopSta
 
 
 def _save_resume_point(acc: Accelerator, resume_dir: Optional[Path], state: _LoopState) -> None:
-    """Write a resume point to a temporary directory, then swap it in for the old one."""
+    """Write a resume point to a temporary directory, then swap it in for the old one. A failed
+    write (disk full, read-only) deletes the temporary directory and ends as one UndoError."""
     if resume_dir is None:
         return
     tmp = resume_dir.with_name(resume_dir.name + ".tmp")
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "accelerate").mkdir(parents=True)  # before anyone writes into it
+    fix = "free disk space or choose a writable run directory; or set checkpoint_every: 0 to train without resume points"
+    with write_errors(resume_dir, fix, cleanup=tmp if acc.is_main_process else None):
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "accelerate").mkdir(parents=True)  # before anyone writes into it
+        acc.wait_for_everyone()
+        # Every process: under FSDP each writes its own shard (a collective); under DDP
+        # accelerate writes the weights from the main process and each process its RNG.
+        acc.save_state(str(tmp / "accelerate"), safe_serialization=False)
+        acc.wait_for_everyone()  # all have written before the main process moves the directory
+        if acc.is_main_process:
+            torch.save(_rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": state.step, "tokens": state.tokens,
+                                                        "flops": state.flops, "history": state.history,
+                                                        "elapsed": state.elapsed + time.time() - state.t0}))
+            _swap_in(tmp, resume_dir)
     acc.wait_for_everyone()
-    # Every process: under FSDP each writes its own shard (a collective); under DDP
-    # accelerate writes the weights from the main process and each process its RNG.
-    acc.save_state(str(tmp / "accelerate"), safe_serialization=False)
-    acc.wait_for_everyone()  # all have written before the main process moves the directory
-    if acc.is_main_process:
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "tokens": state.tokens, "flops": state.flops,
-                                                    "history": state.history,
-                                                    "elapsed": state.elapsed + time.time() - state.t0}))
-        old = resume_dir.with_name(resume_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if resume_dir.exists():
-            os.replace(resume_dir, old)
-        os.replace(tmp, resume_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Move the finished directory `tmp` to `target`, replacing the old one."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _evaluate(run: _Prepared, state: _LoopState, evaluate: Optional[Callable[[torch.nn.Module], dict[str, float]]],

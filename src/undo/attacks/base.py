@@ -10,18 +10,16 @@ with one point and returns the sidecar: at least "curve", a list of {"step": k, 
 from __future__ import annotations
 
 import abc
-import difflib
-import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from ..config import from_dict
-from ..errors import UndoError
+from ..registry import Registry
 
 # name -> "module:Class", imported when used. Adding an attack: one file + one line here.
-_REGISTRY: dict[str, Any] = {
+_REGISTRY = Registry("attack", "undo attacks", {
     "relearn": "undo.attacks.relearn:Relearn",
-}
+})
 
 
 class Attack(abc.ABC):
@@ -59,19 +57,11 @@ def known_attacks() -> list[str]:
 
 def register_attack(name: str, target: "str | type[Attack]") -> None:
     """Add an attack from outside the package ("module:Class" or the class itself)."""
-    _REGISTRY[name] = target
+    _REGISTRY.register(name, target)
 
 
 def attack_class(name: str) -> type[Attack]:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UndoError(f"unknown attack '{name}'{hint}; known: {', '.join(_REGISTRY)} (see `undo attacks`)")
-    target = _REGISTRY[name]
-    if not isinstance(target, str):
-        return target
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _REGISTRY.get_class(name)
 
 
 def attack_options(name: str, options: Optional[dict[str, Any]], where: str = "attack options") -> Any:

@@ -38,15 +38,21 @@ class AttackConfig:
     def validate(self, where: str) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise UndoError(f"{where}.lrs: give one or more positive learning rates")
-        if self.steps < 1 or self.eval_every < 1:
-            raise UndoError(f"{where}: steps and eval_every must be >= 1")
+        for name in ("steps", "eval_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UndoError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise UndoError(f"{where}.seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 <= self.retain_fraction < 1.0:
             raise UndoError(f"{where}.retain_fraction must be in [0, 1)")
 
     def train_config(self, lr: float) -> TrainConfig:
-        # AdamW, no weight decay, constant lr after one warmup step (the paper's attack).
+        """AdamW, no weight decay, the constant learning rate `lr` from the first step (the
+        paper's attack). No warmup: the one warmup step this used to ask for scaled step 0
+        by (0 + 1) / 1 = 1, i.e. did nothing, so the numbers are those it always gave and the
+        attack's version stays 1 (cached attack runs remain valid)."""
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
-                           schedule="constant", warmup_steps=1, weight_decay=0.0, eval_every=self.eval_every,
+                           schedule="constant", warmup_steps=0, weight_decay=0.0, eval_every=self.eval_every,
                            checkpoint_every=0)
 
 

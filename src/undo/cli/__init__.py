@@ -20,6 +20,22 @@ COMMAND_MODULES = [
 ]
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes positionals after options as well as before them:
+    `undo attack relearn --model B quick` (the README's order) and `undo attack relearn quick --model B`."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inner:  # parse_known_intermixed_args calls back here for each of its two passes
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="undo",
@@ -27,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and prove it with attacks.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SubcommandParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
@@ -39,6 +55,19 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()  # our own progress lines say what is happening
     hf_logging.set_verbosity_error()
+
+
+def _discard_stdout() -> None:
+    """Send what is left of stdout (and the interpreter's flush at exit) to /dev/null: the
+    reader of the pipe has gone, and a BrokenPipeError at exit would print a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout with no file descriptor (captured in tests)
+        pass
+    finally:
+        os.close(devnull)
+    sys.stdout = open(os.devnull, "w")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if not distributed.is_main_process():  # one copy of every table and path, from the main process
             sys.stdout = open(os.devnull, "w")
         code = args.func(args) or 0
+        sys.stdout.flush()  # a reader that left (`undo methods | head -1`) shows here, not at exit
     except UndoError as e:
         print(f"undo: error: {e}", file=sys.stderr)
         code = e.exit_code
@@ -68,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print("undo: interrupted; rerun the same command to resume", file=sys.stderr)
         code = 130
     except BrokenPipeError:  # `undo methods | head`: the reader left; nothing to say
-        sys.stdout = open(os.devnull, "w")
+        _discard_stdout()
         code = 0
     if distributed.shutdown(ok=code == 0):
         distributed.exit_now(code)

@@ -70,20 +70,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import summary_text, write_report
-    from ..store import ResultStore
-
-    run_dir = Path(args.run_dir).expanduser()
+def read_task_info(run_dir: Path) -> dict:
+    """`<run>/task.json`, what the report needs to know of the task; UndoError if it is missing or damaged."""
     db, info = run_dir / "results.sqlite", run_dir / "task.json"
     if not db.exists() or not info.exists():
         raise UndoError(f"{run_dir} has no finished run (results.sqlite and task.json); run `undo run` first")
+    fix = "rerun `undo run` with the same config to rewrite it (finished stages are cached)"
     try:
         task = json.loads(info.read_text())
-    except json.JSONDecodeError:
-        raise UndoError(f"{info} is corrupt; rerun `undo run` with the same config to rewrite it") from None
-    store = ResultStore(db)
-    path = write_report(run_dir, store, task)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UndoError(f"{info} is corrupt (not JSON); {fix}") from None
+    missing = [k for k in ("forget_metric", "retain_metric", "higher_is_better")
+               if not isinstance(task, dict) or k not in task]
+    if missing:
+        raise UndoError(f"{info} is corrupt (no {', '.join(missing)}); {fix}")
+    return task
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..engine.run import write_report_safely
+    from ..report import summary_text
+    from ..store import ResultStore
+
+    run_dir = Path(args.run_dir).expanduser()
+    task = read_task_info(run_dir)
+    store = ResultStore(run_dir / "results.sqlite")
+    path = write_report_safely(run_dir, store, task)
     print(summary_text(store, task))
     print(f"report: {path}")
     return 0

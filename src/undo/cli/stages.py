@@ -43,6 +43,17 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from ..tasks import known_tasks, task_class
+
+    for name in known_tasks():
+        cls = task_class(name)
+        defaults = to_dict(cls.Options())
+        print(f"{name:16s} headline: {cls.forget_metric} / {cls.retain_metric} ({cls.metric_label})")
+        print(f"{'':16s} options: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    return 0
+
+
 def _unlearn_table(arts: list, model: str, tolerance: float) -> None:
     from ..stages.select import select_teacher
 
@@ -85,10 +96,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 def cmd_noise(args: argparse.Namespace) -> int:
     from ..engine import single
 
-    out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not (out / "result.json").exists():
-        raise UndoError(f"--out {out} exists and holds other files; give a new directory (nothing was written)")
-    art = single.noise(external_artifact(args.model), out, args.alpha, args.beta, args.seed)
+    art = single.noise(external_artifact(args.model), Path(args.out).expanduser(), args.alpha, args.beta, args.seed,
+                       force=args.force)
     print(f"noised model: {art.model_dir}")
     return 0
 
@@ -132,6 +141,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attacks", help="list attacks and their defaults")
     p.set_defaults(func=cmd_attacks)
 
+    p = sub.add_parser("tasks", help="list tasks, their headline metrics and options")
+    p.set_defaults(func=cmd_tasks)
+
     p = sub.add_parser("unlearn", help="unlearn the forget domain from a model with one method (or a sweep)")
     p.add_argument("--method", required=True, help="method name (see `undo methods`)")
     p.add_argument("--model", required=True, help="checkpoint to unlearn from (e.g. runs/<name>/seed0/base)")
@@ -150,6 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=0.1, help="noise scale (paper: 0.1 synthetic, 0 for WMDP)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="new directory for the noised checkpoint")
+    p.add_argument("--force", action="store_true", help="replace --out even if it exists and holds other files")
     p.set_defaults(func=cmd_noise)
 
     p = sub.add_parser("distill", help="distill a teacher's outputs into a noised copy (UNDO), a random "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -10,12 +11,12 @@ import yaml
 
 from .. import distributed
 from ..config import to_dict
-from ..errors import UndoError
+from ..errors import UndoError, write_errors
 from ..experiment import ExperimentConfig
 from ..log import say
 from ..report import summary_text, write_report
 from ..store import ResultStore
-from ..tasks import task_class
+from ..tasks import build_task, task_class
 from .executors import RayOptions, run_in_process, run_on_ray
 from .graph import Graph, build_graph
 
@@ -34,6 +35,16 @@ def task_info(graph: Graph, run_dir: Path) -> dict:
             "oracle_pretrain_flops": oracle_flops, "seeds": exp.all_seeds(), "attack_seeds": exp.attack_seeds}
 
 
+def check_task_data(exp: ExperimentConfig) -> None:
+    """Both training splits have examples, before any stage runs (an empty split would
+    otherwise fail the first stage that trains on it, after the stages before it ran)."""
+    task = build_task(exp.task, exp.seed)
+    for domain in ("forget", "retain"):
+        if not task.train_examples(domain):
+            raise UndoError(f"task '{exp.task.name}': the {domain} split has no training examples; "
+                            f"give task.options {domain} data")
+
+
 def stage_table(store: ResultStore, graph: Graph) -> str:
     rows = [r for r in store.stage_times() if r["stage"] in graph.nodes]
     width = max([len(r["stage"]) for r in rows] + [5])
@@ -43,18 +54,32 @@ def stage_table(store: ResultStore, graph: Graph) -> str:
     return "\n".join(lines)
 
 
+def write_report_safely(run_dir: Path, store: ResultStore, info: dict) -> Path:
+    """`write_report`; a failed write (disk full, read-only) leaves no temporary file behind
+    and ends as one UndoError naming the report's directory."""
+    def remove_temporary_files() -> None:
+        for tmp in (run_dir / "report").glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    with write_errors(run_dir / "report", "free disk space or make the run directory writable, then run "
+                                          "`undo report RUN_DIR`", cleanup=remove_temporary_files):
+        return write_report(run_dir, store, info)
+
+
 def run_experiment(exp: ExperimentConfig, run_dir: Path, executor: Literal["inprocess", "ray"] = "inprocess",
                    ray_options: Optional[RayOptions] = None) -> Path:
     """Every stage of the experiment's graph, then the results store and the report."""
     distributed.init()
     graph = build_graph(exp)
+    check_task_data(exp)
     main = distributed.is_main_process()  # several processes: all train, the main one records
     store = None
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
-        store = ResultStore(run_dir / "results.sqlite")
-        store.set_graph(node.key for node in graph.nodes.values())
+        with write_errors(run_dir):  # e.g. a file where the run directory should be, a read-only disk
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
+            store = ResultStore(run_dir / "results.sqlite")
+            store.set_graph(node.key for node in graph.nodes.values())
     say(f"{exp.name}: {len(graph.nodes)} stages over seeds {exp.all_seeds()} (run `undo plan` to list them)")
     if executor == "ray":
         if distributed.world_size() > 1:
@@ -65,8 +90,10 @@ def run_experiment(exp: ExperimentConfig, run_dir: Path, executor: Literal["inpr
     report = run_dir / "report" / "index.html"
     if main:
         info = task_info(graph, run_dir)
-        (run_dir / "task.json").write_text(json.dumps(info))
-        report = write_report(run_dir, store, info)
+        with write_errors(run_dir / "task.json", cleanup=run_dir / "task.json.tmp"):
+            (run_dir / "task.json.tmp").write_text(json.dumps(info))
+            os.replace(run_dir / "task.json.tmp", run_dir / "task.json")  # never a truncated task.json
+        report = write_report_safely(run_dir, store, info)
         print(summary_text(store, info))
         print(stage_table(store, graph))
         print(f"report: {report}")

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 
 from .. import distributed
 from ..artifacts import Artifact, ModelDir
-from ..errors import DivergedError, UndoError
+from ..errors import DivergedError, UndoError, write_errors
 from ..log import say
 from ..stages import LINEAGE, STAGES
 from ..stages.base import StageContext, StageNode
@@ -62,7 +62,8 @@ def prepare_resume_dir(art: Artifact, key: str) -> tuple[Path, float]:
         for stale in art.resume_dir.iterdir():
             if stale.name not in (key, key + ".tmp", key + ".old"):
                 shutil.rmtree(stale, ignore_errors=True)
-    resume.parent.mkdir(parents=True, exist_ok=True)
+    with write_errors(resume.parent):  # e.g. a file where the run directory should be
+        resume.parent.mkdir(parents=True, exist_ok=True)
     state = resume / "state.json"
     spent = json.loads(state.read_text()).get("elapsed", 0.0) if state.exists() else 0.0
     return resume, spent
@@ -76,14 +77,18 @@ def lineage_flops(node: StageNode, sidecar: dict[str, Any], inputs: dict[str, Ar
 
 
 def run_stage(node: StageNode, exp: Any, run_dir: Path, inputs: dict[str, Artifact | ModelDir],
-              store: Optional[ResultStore] = None, exclusive: bool = False) -> Artifact:
+              store: Optional[ResultStore] = None, exclusive: bool = False, force: bool = False) -> Artifact:
     """Run `node` (or reuse its cached artifact) and return its artifact. `exclusive`: other
-    processes may run stages of the same run at the same time (claim the stage first)."""
+    processes may run stages of the same run at the same time (claim the stage first).
+    A directory in the stage's place that is not an artifact of its kind is refused before
+    any work (`Artifact.check_replaceable`), unless `force`."""
     art = Artifact(run_dir, node.id)
     if not art.is_done(node.key):
+        if not force:
+            art.check_replaceable(node.kind)
         with claim(run_dir, node.id, exclusive):
             if not art.is_done(node.key):
-                _run_and_write(node, exp, art, inputs)
+                _run_and_write(node, exp, art, inputs, force)
                 cached = False
             else:
                 cached = True
@@ -96,7 +101,8 @@ def run_stage(node: StageNode, exp: Any, run_dir: Path, inputs: dict[str, Artifa
     return art
 
 
-def _run_and_write(node: StageNode, exp: Any, art: Artifact, inputs: dict[str, Artifact | ModelDir]) -> None:
+def _run_and_write(node: StageNode, exp: Any, art: Artifact, inputs: dict[str, Artifact | ModelDir],
+                   force: bool = False) -> None:
     resume, spent = prepare_resume_dir(art, node.key)
     ctx = StageContext(node=node, exp=exp, inputs=inputs, resume_dir=resume, say=say)
     t0 = time.time()
@@ -107,15 +113,24 @@ def _run_and_write(node: StageNode, exp: Any, art: Artifact, inputs: dict[str, A
             shutil.rmtree(art.resume_dir, ignore_errors=True)
         raise
     except UndoError:  # bad input found inside the stage: leave no empty directories behind
-        if distributed.is_main_process() and art.resume_dir.exists() and not any(art.resume_dir.rglob("*.json")):
-            shutil.rmtree(art.resume_dir, ignore_errors=True)
+        _drop_empty_resume_dir(art)
         raise
     sidecar = {**out.sidecar, "name": node.name, "kind": node.kind, "seed": node.seed,
                "params": node.params, "inputs": {role: src for role, src in node.inputs.items()},
                "task": node.params.get("task", out.sidecar.get("task")),
                "stage_seconds": spent + time.time() - t0}
     sidecar["flops_total"] = lineage_flops(node, sidecar, inputs)
-    art.write(node.key, sidecar, model=out.model, tokenizer=out.tokenizer, state_dict=out.state_dict)
+    try:
+        art.write(node.key, sidecar, model=out.model, tokenizer=out.tokenizer, state_dict=out.state_dict, force=force)
+    except UndoError:  # the artifact could not be written (disk full): its resume points, if any, stay
+        _drop_empty_resume_dir(art)
+        raise
+
+
+def _drop_empty_resume_dir(art: Artifact) -> None:
+    """Remove `<stage>.resume/` when it holds no resume point (nothing to resume from)."""
+    if distributed.is_main_process() and art.resume_dir.exists() and not any(art.resume_dir.rglob("*.json")):
+        shutil.rmtree(art.resume_dir, ignore_errors=True)
 
 
 def record(store: ResultStore, node: StageNode, result: dict[str, Any], cached: bool) -> None:

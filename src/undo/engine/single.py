@@ -25,11 +25,16 @@ def as_source(model: str | Path | Source) -> Source:
     return model if isinstance(model, (Artifact, ModelDir)) else model_source(model)
 
 
-def run_single(node: StageNode, exp: Any, run_dir: Path, sources: dict[str, Source],
-               store: Optional[ResultStore] = None) -> Artifact:
+def keyed(node: StageNode, sources: dict[str, Source]) -> StageNode:
+    """`node` with its cache key and inputs set from its input checkpoints."""
     node.key = stage_key(node.kind, node.params, node.seed, {role: source_key(s) for role, s in sources.items()})
     node.inputs = {role: str(s.model_dir) for role, s in sources.items()}
-    return run_stage(node, exp, Path(run_dir), sources, store)
+    return node
+
+
+def run_single(node: StageNode, exp: Any, run_dir: Path, sources: dict[str, Source],
+               store: Optional[ResultStore] = None, force: bool = False) -> Artifact:
+    return run_stage(keyed(node, sources), exp, Path(run_dir), sources, store, force=force)
 
 
 def pretrain(exp: ExperimentConfig, run_dir: Path, which: str = "base") -> Artifact:
@@ -67,11 +72,20 @@ def distill(exp: ExperimentConfig, run_dir: Path, name: str, teacher: str | Path
     return run_single(StageNode(name, "distill", name, exp.seed, params, record="undo"), exp, run_dir, sources)
 
 
-def noise(model: str | Path | Source, out: Path, alpha: float, beta: float, seed: int) -> Artifact:
-    """UNDO's noise step alone: a noised copy of `model` written to `out`."""
+def noise(model: str | Path | Source, out: Path, alpha: float, beta: float, seed: int,
+          force: bool = False) -> Artifact:
+    """UNDO's noise step alone: a noised copy of `model` written to `out`. An `out` that
+    exists and is not empty is refused (unless it is this very noise, cached, or `force`)."""
+    out = Path(out).expanduser()
     params = {"alpha": alpha, "beta": beta, "noise_seed": seed}
-    node = StageNode(Path(out).name, "noise", Path(out).name, seed, params)
-    return run_single(node, ExperimentConfig(), Path(out).parent, {"model": as_source(model)})
+    sources = {"model": as_source(model)}
+    node = keyed(StageNode(out.name, "noise", out.name, seed, params), sources)
+    if out.exists() and not out.is_dir():
+        raise UndoError(f"--out {out} is a file; give a new directory for the noised checkpoint (nothing was written)")
+    if not force and out.exists() and any(out.iterdir()) and not Artifact(out.parent, out.name).is_done(node.key):
+        raise UndoError(f"--out {out} exists and is not empty; give a new directory, or add --force to replace "
+                        f"its contents (nothing was written)")
+    return run_stage(node, ExperimentConfig(), out.parent, sources, force=force)
 
 
 def attack(exp: ExperimentConfig, run_dir: Path, name: str, target: str | Path | Source, kind: str = "relearn",

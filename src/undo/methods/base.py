@@ -22,8 +22,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 
-import difflib
-import importlib
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
@@ -31,6 +29,7 @@ from transformers import PreTrainedModel
 
 from ..config import from_dict
 from ..errors import UndoError
+from ..registry import Registry
 from ..losses import forward_kl, scored_positions
 from ..metrics import masked_ce
 from ..models import non_embedding_params
@@ -57,7 +56,7 @@ RowFormat = Literal["packed", "padded"]
 RetainLoss = Literal["nll", "kl"]
 
 # name -> "module:Class", imported when used. Adding a method: one file + one line here.
-_REGISTRY: dict[str, Any] = {
+_REGISTRY = Registry("method", "undo methods", {
     "grad_ascent": "undo.methods.grad_ascent:GradAscent",
     "graddiff": "undo.methods.graddiff:GradDiff",
     "maxent": "undo.methods.maxent:MaxEnt",
@@ -70,7 +69,7 @@ _REGISTRY: dict[str, Any] = {
     "repnoise": "undo.methods.repnoise:RepNoise",
     "oracle_matching": "undo.methods.oracle_matching:OracleMatching",
     "task_vector": "undo.methods.task_vector:TaskVector",
-}
+})
 
 
 class Method(abc.ABC):
@@ -169,19 +168,11 @@ def known_methods() -> list[str]:
 def register_method(name: str, target: "str | type[Method]") -> None:
     """Add a method from outside the package ("module:Class" or the class itself); the engine
     needs no change to run it."""
-    _REGISTRY[name] = target
+    _REGISTRY.register(name, target)
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UndoError(f"unknown method '{name}'{hint}; known: {', '.join(_REGISTRY)} (see `undo methods`)")
-    target = _REGISTRY[name]
-    if not isinstance(target, str):
-        return target
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _REGISTRY.get_class(name)
 
 
 def resolve_options(name: str, options: Optional[dict[str, Any]] = None, task: Optional[str] = None) -> Any:

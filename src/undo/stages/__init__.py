@@ -17,8 +17,8 @@ STAGES: dict[str, tuple[Callable[[StageContext], StageOutput], int]] = {
     "aux": (aux.run, aux.VERSION),
     "unlearn": (unlearn.run, unlearn.VERSION),
     "select": (select.run, select.VERSION),
-    "noise": (undo.noise_run, undo.VERSION),
-    "distill": (undo.distill_run, undo.VERSION),
+    "noise": (undo.noise_run, undo.NOISE_VERSION),
+    "distill": (undo.distill_run, undo.DISTILL_VERSION),
     "attack": (attack.run, attack.VERSION),
 }
 

@@ -24,12 +24,13 @@ from transformers import PreTrainedModel
 from ..config import from_dict
 from ..data import BatchStream, task_rows
 from ..errors import UndoError
-from ..losses import forward_kl
+from ..losses import forward_kl, next_token_positions
 from ..models import count_params, fresh_copy, load_model, non_embedding_params
 from ..training import LossOutput, TrainConfig, make_accelerator, train
 from .base import StageContext, StageOutput
 
-VERSION = 1
+NOISE_VERSION = 1
+DISTILL_VERSION = 2  # 2: the KL no longer counts each row's last real position (a prediction past the text)
 
 
 def xavier_uniform_like(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -55,7 +56,8 @@ def noise_(model: torch.nn.Module, alpha: float, beta: float, seed: int) -> torc
 
 
 def distill_loss_fn(teacher: PreTrainedModel, temperature: float):
-    """Forward KL(teacher || student) over non-pad tokens; the teacher runs once per batch."""
+    """Forward KL(teacher || student) at every position that predicts a non-pad token (the
+    attention mask shifted like the logits); the teacher runs once per batch."""
     teacher_params = non_embedding_params(teacher)
 
     def loss_fn(student: torch.nn.Module, batches: dict[str, dict[str, torch.Tensor]]) -> LossOutput:
@@ -63,7 +65,7 @@ def distill_loss_fn(teacher: PreTrainedModel, temperature: float):
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = forward_kl(teacher_logits, student_logits, batch["attention_mask"].bool(), temperature)
+        loss = forward_kl(teacher_logits, student_logits, next_token_positions(batch["attention_mask"]), temperature)
         tokens = batch["input_ids"].numel()
         return LossOutput(loss, {"kl": loss.item()}, extra_flops=2.0 * teacher_params * tokens)
 

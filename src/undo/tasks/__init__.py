@@ -6,15 +6,15 @@ import dataclasses
 from typing import Any
 
 from ..config import from_dict
-from ..errors import UndoError
+from ..registry import Registry
 from .base import Example, Task
 
-_REGISTRY: dict[str, Any] = {
+_REGISTRY = Registry("task", "undo tasks", {
     # name -> "module:Class", imported lazily so a task's optional deps load only when used
     "arithmetic": "undo.tasks.arithmetic:ArithmeticTask",
     "language": "undo.tasks.language:LanguageTask",
     "wmdp": "undo.tasks.wmdp:WMDPTask",
-}
+})
 
 
 @dataclasses.dataclass
@@ -33,22 +33,11 @@ def known_tasks() -> list[str]:
 
 def register_task(name: str, target: "str | type[Task]") -> None:
     """Add a task from outside the package ("module:Class" or the class itself)."""
-    _REGISTRY[name] = target
+    _REGISTRY.register(name, target)
 
 
 def task_class(name: str) -> type[Task]:
-    if name not in _REGISTRY:
-        raise UndoError(f"unknown task '{name}'; known tasks: {', '.join(_REGISTRY)}")
-    import importlib
-
-    target = _REGISTRY[name]
-    if not isinstance(target, str):
-        return target
-    module, cls = target.split(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except ModuleNotFoundError as e:
-        raise UndoError(f"task '{name}' is not available in this install ({e})") from None
+    return _REGISTRY.get_class(name)
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:

@@ -58,6 +58,9 @@ class ArithmeticOptions:
             raise UndoError(f"{where}: forget and retain each need at least one operation")
         if not self.formats:
             raise UndoError(f"{where}.formats: give at least one of equation, word")
+        for name in ("examples_per_operation", "eval_per_format", "quick_eval_per_format"):
+            if getattr(self, name) < 1:
+                raise UndoError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
         if min(self.retain_max_operand, self.forget_max_operand) < 2:
             raise UndoError(f"{where}: operand ranges must reach at least 2")
         if not 0.0 <= self.text_fraction < 1.0:
@@ -123,7 +126,7 @@ class ArithmeticTask(Task):
         max_operand = o.forget_max_operand if self.domain_of(op) == "forget" else o.retain_max_operand
         pairs = operand_pairs(op, max_operand)
         rng.shuffle(pairs)
-        n_eval = min(o.eval_per_format, len(pairs) // 4)  # always keep most pairs for training
+        n_eval = max(1, min(o.eval_per_format, len(pairs) // 4))  # always keep most pairs for training
         eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
         train: list[Example] = []
         for k in range(o.examples_per_operation):

@@ -30,6 +30,7 @@ from typing import Literal, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import expand_path
 from ..corpora import check_encodes, check_seq_len, read_corpus
 from ..data import pack, tokenize_example
 from ..errors import UndoError
@@ -65,6 +66,8 @@ class LanguageOptions:
         if self.eval_seq_len < 2:
             raise UndoError(f"{where}.eval_seq_len must be at least 2, got {self.eval_seq_len}")
         file_options = ("retain_files", "forget_files", "retain_eval_files", "forget_eval_files")
+        for name in file_options:
+            setattr(self, name, [expand_path(p) for p in getattr(self, name)])
         if self.source == "files":
             for name in ("retain_files", "forget_files"):
                 if not getattr(self, name):

@@ -40,6 +40,7 @@ from typing import Any, Literal, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import expand_path
 from ..corpora import load_saved_dataset
 from ..errors import UndoError
 from ..metrics import model_device
@@ -76,6 +77,9 @@ class WMDPOptions:
     row_format: Literal["packed", "padded"] = "packed"
 
     def validate(self, where: str) -> None:
+        self.forget_corpus = [expand_path(p) for p in self.forget_corpus]
+        self.retain_corpus = [expand_path(p) for p in self.retain_corpus]
+        self.wmdp_bio, self.wmdp_cyber, self.mmlu = map(expand_path, (self.wmdp_bio, self.wmdp_cyber, self.mmlu))
         if not (self.wmdp_bio or self.wmdp_cyber):
             raise UndoError(f"{where}: give wmdp_bio and/or wmdp_cyber (multiple-choice files); they are the forget metric")
         if not self.mmlu:
