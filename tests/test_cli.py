@@ -142,6 +142,9 @@ def test_noise_refuses_a_non_empty_out_unless_forced(tiny_dir, tmp_path, capsys)
     assert main([*args, "--force"]) == 0
     assert (out / "model" / "config.json").exists() and not (out / "notes.txt").exists()
     assert main(args) == 0  # the same noise again (same key): cached, no --force needed
+    args[4] = "0.3"  # another noise into the same directory: refused too
+    assert main(args) == 2 and "exists and is not empty" in one_line_error(capsys)
+    assert json.loads((out / "result.json").read_text())["alpha"] == 0.5
 
 
 def test_noise_refuses_another_stages_artifact_as_out(tiny_dir, tmp_path, capsys):

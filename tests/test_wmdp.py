@@ -408,7 +408,7 @@ def test_saved_dataset_without_the_package_names_the_install(tmp_path, monkeypat
 def test_wmdp_preset_validates_and_points_at_files_the_user_provides(tmp_path, monkeypatch):
     exp = load_experiment("wmdp")
     assert exp.task.name == "wmdp" and exp.model.path and exp.tokenizer.path == exp.model.path
-    assert exp.pretrain.steps == 0
+    assert list(exp.models) == ["base"] and exp.models["base"].path == exp.model.path  # the checkpoint, untrained
     with pytest.raises(UndoError, match="does not exist; check the path"):
         build_task(exp.task, exp.seed)
     # With the files in place (fixtures standing in) the task builds and reads them.

@@ -72,10 +72,11 @@ class Artifact:
         result = self.result()
         return result is not None and result.get("key") == key
 
-    def check_replaceable(self, kind: Optional[str]) -> None:
-        """UndoError unless a stage of `kind` may be written here: `<stage>/` is absent or empty,
-        or it is an artifact undo wrote for a stage of the same kind (a rerun with other settings
-        replaces it). Anything else is never replaced: undo deletes only what it wrote."""
+    def check_replaceable(self, kind: Optional[str] = None) -> None:
+        """UndoError unless a stage may be written here: `<stage>/` is absent or empty, or it is
+        an artifact undo wrote (a rerun with other settings replaces it), and, when `kind` is
+        given, one of a stage of that kind. Anything else is never replaced: undo deletes only
+        what it wrote."""
         where = "choose another run directory (--run-dir / --out) or name, or move it away"
         if self.dir.exists() and not self.dir.is_dir():
             raise UndoError(f"{self.dir} exists and is a file, not a stage directory; {where}")
@@ -96,11 +97,11 @@ class Artifact:
 
         Every process of a multi-process run calls this; the main one writes (with
         `state_dict`, the gathered weights of a sharded model, when given) and the
-        others wait until the artifact is in place. A directory in the way that is not an
-        artifact of the same kind of stage is refused (`check_replaceable`) unless `force`."""
+        others wait until the artifact is in place. A directory in the way that undo did
+        not write is refused (`check_replaceable`) unless `force`."""
         if distributed.is_main_process():
             if not force:
-                self.check_replaceable(sidecar.get("kind"))
+                self.check_replaceable()
             self._write(key, sidecar, model, tokenizer, extra_files, state_dict)
         distributed.barrier()
 

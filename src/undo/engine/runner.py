@@ -80,12 +80,13 @@ def run_stage(node: StageNode, exp: Any, run_dir: Path, inputs: dict[str, Artifa
               store: Optional[ResultStore] = None, exclusive: bool = False, force: bool = False) -> Artifact:
     """Run `node` (or reuse its cached artifact) and return its artifact. `exclusive`: other
     processes may run stages of the same run at the same time (claim the stage first).
-    A directory in the stage's place that is not an artifact of its kind is refused before
-    any work (`Artifact.check_replaceable`), unless `force`."""
+    A directory in the stage's place that undo did not write is refused before any work
+    (`Artifact.check_replaceable`), unless `force`. (An artifact of another kind of stage is
+    replaced: a recipe given a sweep turns `unlearn/<name>` from an unlearn stage into a selection.)"""
     art = Artifact(run_dir, node.id)
     if not art.is_done(node.key):
         if not force:
-            art.check_replaceable(node.kind)
+            art.check_replaceable()
         with claim(run_dir, node.id, exclusive):
             if not art.is_done(node.key):
                 _run_and_write(node, exp, art, inputs, force)

@@ -34,7 +34,12 @@ def keyed(node: StageNode, sources: dict[str, Source]) -> StageNode:
 
 def run_single(node: StageNode, exp: Any, run_dir: Path, sources: dict[str, Source],
                store: Optional[ResultStore] = None, force: bool = False) -> Artifact:
-    return run_stage(keyed(node, sources), exp, Path(run_dir), sources, store, force=force)
+    """One stage on given checkpoints. Its place is chosen on the command line (`--name`), so it
+    never replaces an artifact of another kind of stage (`undo distill --name unlearn/rmu`)."""
+    node = keyed(node, sources)
+    if not force:
+        Artifact(Path(run_dir), node.id).check_replaceable(node.kind)
+    return run_stage(node, exp, Path(run_dir), sources, store, force=force)
 
 
 def pretrain(exp: ExperimentConfig, run_dir: Path, which: str = "base") -> Artifact:
