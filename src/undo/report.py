@@ -276,14 +276,41 @@ def _text_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _spread(values: list[Optional[float]]) -> str:
+    """mean [min, max] of the finite values (one value: itself)."""
+    finite = [v for v in values if _finite(v)]
+    if not finite:
+        return "-"
+    mean = sum(finite) / len(finite)
+    return _fmt(mean) if len(finite) == 1 else f"{_fmt(mean)} [{_fmt(min(finite))}, {_fmt(max(finite))}]"
+
+
+def seed_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """One row per model over its seeds: mean [min, max] of the headline columns."""
+    forget = summary.task["forget_metric"]
+    header = ["model", "seeds", f"{summary.task['retain_metric']} before", f"{forget} before",
+              f"worst {forget} @{summary.early_step}", f"worst {forget} @{summary.final_step}", summary.compute_label]
+    body = []
+    for name in dict.fromkeys(r.name for r in summary.rows):
+        rows = [r for r in summary.rows if r.name == name]
+        body.append([name, str(len(rows))] + [_spread([getattr(r, f) for r in rows]) for f in
+                                              ("retain_before", "forget_before", "forget_early", "forget_final",
+                                               "compute")])
+    return header, body
+
+
 def summary_text(store: ResultStore, task: dict[str, Any], early_fraction: float = 0.25) -> str:
-    """A short plain-text table for the terminal: one row per model, worst case over lr."""
+    """A short plain-text table for the terminal: one row per model (and seed), worst case over
+    lr; with several seeds, also mean [min, max] over them."""
     summary = summarize(store, task, early_fraction)
     title = (f"{summary.task['name']}: {summary.task['forget_metric']} / {summary.task['retain_metric']} "
              f"({_direction(summary.task)}; worst case over attack learning rates)")
     if not summary.rows:
         return f"{title}\n(no models recorded)"
-    return f"{title}\n{_text_table(table_header(summary), [table_cells(r, summary) for r in summary.rows])}"
+    text = f"{title}\n{_text_table(table_header(summary), [table_cells(r, summary) for r in summary.rows])}"
+    if len(summary.seeds) > 1:
+        text += "\nover seeds: mean [min, max]\n" + _text_table(*seed_table(summary))
+    return text
 
 
 def _html_table(header: list[str], body: list[list[str]]) -> str:
@@ -304,6 +331,8 @@ def render_html(summary: Summary, stages: list[dict[str, Any]]) -> str:
     missing = [r.name for r in summary.rows if not r.curve]
     rows_table = _html_table(table_header(summary), [table_cells(r, summary) for r in summary.rows]) if summary.rows \
         else "<p class='note'>No models recorded.</p>"
+    seeds_table = (f"<p class='note'>Over {len(summary.seeds)} seeds: mean [min, max].</p>"
+                   + _html_table(*seed_table(summary)) + "<p class='note'>Each seed:</p>") if len(summary.seeds) > 1 else ""
     setting_table = _html_table(["model", "seed", "setting"], [[r.name, str(r.seed), r.setting or "-"]
                                                                for r in summary.rows])
     stage_table = _html_table(["stage", "seconds", "cached"],
@@ -320,7 +349,7 @@ forget performance any learning rate reaches after k steps ({esc(_direction(task
 attack seeds, the mean of that worst case over them. Seeds: {esc(', '.join(map(str, summary.seeds)) or '-')}
 (one row per model and seed).
 Early step: {summary.early_step}; final step: {summary.final_step}.</p>{note}
-<h2>Models</h2>{rows_table}
+<h2>Models</h2>{seeds_table}{rows_table}
 <h2>Relearning curves</h2><img src="{PLOTS['relearning']}" alt="worst-case relearning curves">
 <h2>Retain vs forget after the attack</h2><img src="{PLOTS['pareto']}" alt="Pareto plot">
 <h2>Robustness vs compute</h2><img src="{PLOTS['compute']}" alt="robustness vs compute">
