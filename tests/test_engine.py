@@ -280,3 +280,29 @@ def test_the_ray_executor_without_ray_names_the_install_command(tmp_path, monkey
     with pytest.raises(UndoError, match=r"pip install -e '\.\[ray\]'"):
         run_experiment(micro(unlearn__methods=[], undo__after="none", attacks=[],
                              models={"base": {}}), tmp_path, executor="ray")
+
+
+def test_a_claimed_stage_runs_once_when_two_workers_want_it(tmp_path, monkeypatch):
+    """What keeps Ray workers from running a stage twice: the claim, then a second cache look-up."""
+    import threading
+
+    from undo.engine import runner
+
+    exp = micro()
+    node = build_graph(exp).nodes["seed0/base"]
+    plain, calls = runner.STAGES["pretrain"], []
+
+    def counted(ctx):
+        calls.append(1)
+        return plain[0](ctx)
+
+    monkeypatch.setitem(runner.STAGES, "pretrain", (counted, plain[1]))
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(runner.run_stage(node, exp, tmp_path, {}, exclusive=True)))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and len(results) == 2
+    assert all(r.is_done(node.key) for r in results)
