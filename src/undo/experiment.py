@@ -127,13 +127,14 @@ class Recipe:
             train_over, options = dict(self.train), dict(self.options)
             for key, value in zip(sweep, values):
                 (train_over if key in train_fields else options)[key] = value
-            suffix = "-".join(f"{k}={_short(v)}" for k, v in zip(sweep, values))
+            suffix = "-".join(f"{k}={short(v)}" for k, v in zip(sweep, values))
             runs.append(dataclasses.replace(self, name=f"{self.label}-{suffix}", options=options,
                                             train=train_over, sweep={}))
         return runs
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """A value as names and tables show it (1e-4, not 0.0001000)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

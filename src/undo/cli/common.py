@@ -44,10 +44,6 @@ def external_artifact(model_dir: str):
     return model_source(path)
 
 
-def short(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def split_overrides(overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """`method.X=V` -> method options, `train.X=V` -> TrainConfig overrides, the rest -> experiment config."""
     sections: dict[str, dict[str, Any]] = {"method": {}, "train": {}}

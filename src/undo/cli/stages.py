@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..config import to_dict
 from ..errors import UndoError
-from .common import add_config_args, external_artifact, model_label, parse_sweep, run_dir_for, short, split_overrides
+from ..experiment import short
+from .common import add_config_args, external_artifact, model_label, parse_sweep, run_dir_for, split_overrides
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
