@@ -29,14 +29,16 @@ def default_vocab(preset: str) -> int:
     return PRESET_VOCAB.get(PRESETS[preset][0], 32_000)
 
 
-def make_model(preset: Optional[str], path: Optional[str], vocab: Optional[int], seed: int = 0) -> PreTrainedModel:
+def make_model(preset: Optional[str], path: Optional[str], vocab: Optional[int], seed: int = 0,
+               attn: Optional[str] = None) -> PreTrainedModel:
     """A randomly initialised preset model (fp32 weights; training autocasts to bf16 on
     GPU, as undo does), or the checkpoint at `path`."""
     if path:
         return load_model(path)[0]
     config = preset_config(preset, vocab or default_vocab(preset), max_position_embeddings=4096)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    kwargs = {"attn_implementation": attn} if attn else {}
+    return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def synthetic_stream(vocab: int, batch_size: int, seq_len: int, seed: int, rows: int = 0) -> BatchStream:

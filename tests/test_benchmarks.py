@@ -28,3 +28,16 @@ def test_memory_benchmark_reports_a_peak_per_workload(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {row["workload"] for row in rows} == {"train", "distill", "rmu"}
     assert all(row["peak_mb"] >= row["weights_mb"] > 0 for row in rows), rows
+
+
+def test_methods_throughput_smoke_run_reports_ours_and_the_padded_baseline(tmp_path):
+    out = tmp_path / "methods.json"
+    subprocess.run([sys.executable, str(BENCH / "methods_throughput.py"), "--task", "arithmetic",
+                    "--methods", "graddiff", "npo", "--seq-len", "64", "--steps", "3", "--warmup", "1",
+                    "--repeats", "1", "--json", str(out)],
+                   env=ENV, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["graddiff", "npo"]
+    for row in rows:
+        assert row["ours"]["tokens_per_s"] > 0 and row["baseline"]["tokens_per_s"] > 0
+        assert row["ours"]["useful_share"] > row["baseline"]["useful_share"]  # bucketed / packed vs padded

@@ -238,7 +238,7 @@ def test_two_seeds_give_per_seed_rows_and_a_report_with_both(tmp_path):
     assert base[0] != base[1]  # another seed: other data order and initialisation
     assert {p["seed"] for p in store.attack_points("base")} == {0, 1}
     html = (tmp_path / "report" / "index.html").read_text()
-    assert "<th>seed</th>" in html and "Seeds: 0, 1" in html and "Over 2 seeds: mean [min, max]" in html
+    assert "<th>seed</th>" in html and "Graph seeds: 0, 1" in html and "mean over 2 graph seeds [min, max]" in html
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM attack_points").fetchone()[0] == 2 * 2 * 3  # models x seeds x steps
 

@@ -323,6 +323,26 @@ def test_evaluate_reports_both_languages_and_quick_uses_a_subset():
     assert model.training is False
 
 
+def test_evaluation_text_is_tokenized_once_per_tokenizer(monkeypatch):
+    """Quick evaluations every eval_every steps reuse the packed rows: same numbers, no re-tokenizing."""
+    import undo.tasks.language as language
+
+    task = LanguageTask(LanguageOptions(**SMALL), seed=0)
+    tok = train_tokenizer(task.tokenizer_corpus(), "bpe", vocab_size=300)
+    model = tiny_model(tok)
+    calls = []
+    real_pack = language.pack
+    monkeypatch.setattr(language, "pack", lambda *a, **k: calls.append(1) or real_pack(*a, **k))
+    first = [task.evaluate(model, tok, quick=True) for _ in range(3)]
+    assert len(calls) == 2  # forget and retain, once each
+    assert first[0] == first[1] == first[2]
+    task.evaluate(model, tok)
+    assert len(calls) == 4  # the full set is other text
+    other = train_tokenizer(task.tokenizer_corpus(), "bpe", vocab_size=300)  # an equal but distinct tokenizer
+    assert task.evaluate(model, other, quick=True) == first[0]
+    assert len(calls) == 6
+
+
 def test_training_on_one_language_lowers_its_cross_entropy_more():
     """An 'oracle' trained on the retain language only learns it, not the forget one."""
     from undo.data import BatchStream, pack_examples

@@ -154,3 +154,125 @@ def test_next_token_positions_are_the_attention_mask_shifted_like_the_logits():
                                                     [True, True, True, False]]
     left = torch.tensor([[0, 0, 1, 1]])  # left padding: the pad before the first token predicts nothing of the row
     assert next_token_positions(left).tolist() == [[False, False, True, False]]
+
+
+# ---------------------------------------------------------------- the chunked vocabulary losses
+
+def naive_forward_kl(teacher, student, mask, temperature=1.0):
+    """The one-line form the chunked forward_kl replaces (four float32 [B, T, V] tensors)."""
+    t_logp = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    s_logp = torch.log_softmax(student.float() / temperature, dim=-1)
+    return masked_mean((t_logp.exp() * (t_logp - s_logp)).sum(-1), mask)
+
+
+def naive_soft_cross_entropy(target, student, mask):
+    return masked_mean(-(torch.softmax(target.float(), -1) * torch.log_softmax(student.float(), -1)).sum(-1), mask)
+
+
+def naive_uniform_kl(logits, mask):
+    return masked_mean(-math.log(logits.shape[-1]) - torch.log_softmax(logits.float(), -1).mean(-1), mask)
+
+
+def value_and_grad(fn, student):
+    x = student.clone().requires_grad_()
+    value = fn(x)
+    value.backward()
+    return value.detach(), x.grad
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 7, 11), torch.float32), ((4, 33, 1001), torch.float32),
+                                         ((3, 7, 11), torch.bfloat16)])
+@pytest.mark.parametrize("chunk_elements,keep", [(1, 0), (40, 0), (40, 2**30), (2**30, 0)])  # positions a chunk: one, a few, all
+def test_chunked_losses_are_bitwise_the_one_line_forms(monkeypatch, shape, dtype, chunk_elements, keep):
+    import undo.losses as losses
+
+    monkeypatch.setattr(losses, "DENSE_ELEMENTS", 0)  # the chunked form even for these small logits
+    monkeypatch.setattr(losses, "KEEP_ELEMENTS", keep)  # recompute chunks in backward, or keep them
+    monkeypatch.setitem(losses.CHUNK_ELEMENTS, "cpu", chunk_elements)
+    g = torch.Generator().manual_seed(7)
+    teacher = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    student = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    mask = torch.rand(shape[:2], generator=g) > 0.3
+    tokens = torch.randint(0, shape[2], shape[:2], generator=g)
+    lowered = teacher.float().clone()  # UNDIAL's targets written out: b off each position's token
+    for b, t in mask.nonzero().tolist():
+        lowered[b, t, tokens[b, t]] -= 2.5
+    pairs = [
+        (lambda s: naive_forward_kl(teacher, s, mask), lambda s: forward_kl(teacher, s, mask)),
+        (lambda s: naive_forward_kl(teacher, s, mask, 0.7), lambda s: forward_kl(teacher, s, mask, 0.7)),
+        (lambda s: naive_soft_cross_entropy(teacher, s, mask), lambda s: soft_cross_entropy(teacher, s, mask)),
+        (lambda s: naive_uniform_kl(s, mask), lambda s: uniform_kl(s, mask)),
+        (lambda s: naive_soft_cross_entropy(lowered, s, mask), lambda s: soft_cross_entropy(teacher, s, mask, (tokens, 2.5))),
+    ]
+    for naive, chunked in pairs:
+        v0, g0 = value_and_grad(naive, student)
+        v1, g1 = value_and_grad(chunked, student)
+        assert torch.equal(v0, v1) and torch.equal(g0, g1)
+        assert g1.dtype == student.dtype
+    # a strided view of wider logits (a joined forward's slice) gives the same numbers
+    wide = torch.cat([student, student[:, :2]], dim=1)
+    v2, g2 = value_and_grad(lambda w: forward_kl(teacher, w[:, :shape[1]], mask), wide)
+    assert torch.equal(v2, value_and_grad(lambda s: naive_forward_kl(teacher, s, mask), student)[0])
+    assert torch.equal(g2[:, :shape[1]], value_and_grad(lambda s: naive_forward_kl(teacher, s, mask), student)[1])
+
+
+def test_small_logits_take_the_one_line_form_to_the_same_bits():
+    g = torch.Generator().manual_seed(3)
+    teacher, student = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.4
+    v0, g0 = value_and_grad(lambda s: naive_forward_kl(teacher, s, mask, 2.0), student)
+    v1, g1 = value_and_grad(lambda s: forward_kl(teacher, s, mask, 2.0), student)
+    assert torch.equal(v0, v1) and torch.equal(g0, g1)
+
+
+def test_chunked_losses_handle_empty_masks_and_no_grad(monkeypatch):
+    import undo.losses as losses
+
+    monkeypatch.setattr(losses, "DENSE_ELEMENTS", 0)
+    teacher, student = logits_fixture(0), logits_fixture(1)
+    empty = torch.zeros(2, 4, dtype=torch.bool)
+    x = student.clone().requires_grad_()
+    loss = forward_kl(teacher, x, empty)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+    with torch.no_grad():
+        assert forward_kl(teacher, student, scored_positions(LABELS)).item() > 0
+
+
+def test_forward_kl_never_builds_a_float32_batch_by_vocabulary_tensor(monkeypatch):
+    """Forward: no tensor of B*T*V elements (the one-line form builds four); backward: only
+    the student's gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import undo.losses as losses
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() >= full and t.untyped_storage().data_ptr() not in inputs:
+                    self.big.add(t.untyped_storage().data_ptr())  # views of the logits are not new tensors
+            return out
+
+    monkeypatch.setattr(losses, "DENSE_ELEMENTS", 0)  # as for a large vocabulary
+    monkeypatch.setattr(losses, "KEEP_ELEMENTS", 0)
+    monkeypatch.setitem(losses.CHUNK_ELEMENTS, "cpu", 4 * 64)  # 4 positions a chunk
+    shape = (4, 16, 64)
+    full = shape[0] * shape[1] * shape[2]
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g).requires_grad_()
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    inputs = {teacher.untyped_storage().data_ptr(), student.untyped_storage().data_ptr()}
+    with Sizes() as forward:
+        loss = forward_kl(teacher, student, mask)
+    assert not forward.big
+    with Sizes() as backward:
+        loss.backward()
+    assert len(backward.big) == 1
+    with Sizes() as naive:
+        naive_forward_kl(teacher, student, mask)
+    assert len(naive.big) >= 4  # what the test would have seen before

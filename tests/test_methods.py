@@ -195,18 +195,94 @@ def test_undial_matches_hand_computation():
     assert out.loss.item() == pytest.approx(sum(vals) / len(vals), rel=1e-5)
 
 
-def test_oracle_matching_is_kl_from_teacher_on_real_tokens_of_both_domains():
+def test_undial_lowers_the_true_token_without_a_one_hot(monkeypatch):
+    """The targets are the one-hot formula's to the bit; the loss builds no one-hot and no
+    float32 copy of the targets, and has the value and gradient of soft CE to those targets."""
+    import torch.nn.functional as F
+
+    from undo.losses import scored_positions, soft_cross_entropy
+    from undo.methods.undial import undial_targets
+
+    g = torch.Generator().manual_seed(0)
+    ref_logits, labels = torch.randn(2, 5, V, generator=g) * 2, FORGET["labels"]
+    one_hot = ref_logits.float().clone()
+    penalty = F.one_hot(labels[:, 1:].clamp(min=0), V).to(one_hot.dtype) * 3.0
+    one_hot[:, :-1] -= penalty * (labels[:, 1:] >= 0).unsqueeze(-1)
+    assert torch.equal(undial_targets(ref_logits, labels, 3.0), one_hot)
+
+    monkeypatch.setattr(F, "one_hot", lambda *a, **k: pytest.fail("UNDIAL built a one-hot"))
+    ref = BigramLM(1)
+    _, model, out = loss_of("undial", {"beta": 3.0, "retain_weight": 0.0}, reference=ref)
+    out.loss.backward()
+    other = BigramLM(0)
+    with torch.no_grad():
+        targets = undial_targets(ref(FORGET["input_ids"]).logits, labels, 3.0)
+    explicit = soft_cross_entropy(targets, other(FORGET["input_ids"]).logits, scored_positions(labels))
+    explicit.backward()
+    assert torch.equal(out.loss.detach(), explicit.detach())
+    assert torch.equal(model.embed.weight.grad, other.embed.weight.grad)
+
+
+def test_oracle_matching_is_kl_from_teacher_at_positions_predicting_real_tokens():
     teacher = BigramLM(2)
     method, model, out = loss_of("oracle_matching", {"forget_weight": 1.0, "retain_weight": 0.5}, teacher=teacher)
     assert method.needs() == {"forget", "retain", "teacher"}
     t, o = model.table(), teacher.table()
 
-    def real(b):
+    def real(b):  # position p counts when tokens p and p + 1 are both real (a row's last one does not)
         mask = b["attention_mask"].tolist()
-        return [(r, p) for r in range(len(mask)) for p in range(len(mask[r])) if mask[r][p]]
+        return [(r, p) for r in range(len(mask)) for p in range(len(mask[r]) - 1) if mask[r][p] and mask[r][p + 1]]
 
     expected = hand_kl(o, t, FORGET, real(FORGET)) + 0.5 * hand_kl(o, t, RETAIN, real(RETAIN))
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+class CountingLM(BigramLM):
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.rows = []  # rows of each forward
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        self.rows.append(input_ids.shape[0])
+        return super().forward(input_ids, attention_mask)
+
+
+JOINABLE = [("graddiff", {}, {}), ("graddiff", {"retain_loss": "kl"}, {"reference": 1}), ("maxent", {}, {}),
+            ("npo", {}, {"reference": 1}), ("simnpo", {}, {}), ("undial", {}, {"reference": 1}),
+            ("idkdpo", {}, {"reference": 1}), ("oracle_matching", {"retain_weight": 0.5}, {"teacher": 2})]
+
+
+@pytest.mark.parametrize("name,options,frozen", JOINABLE)
+def test_one_forward_for_forget_and_retain_where_joined(monkeypatch, name, options, frozen):
+    """Joined (as on an accelerator): one forward of the trained model over forget + retain rows
+    (+ idk), the narrower batch right-padded; the loss and gradient are the separate forwards'."""
+    import undo.methods.base as base
+
+    batches = {"forget": FORGET, "retain": RETAIN, "idk": IDK}
+    results = {}
+    for joined in (False, True):
+        monkeypatch.setitem(base.JOINT_FORWARD, "cpu", joined)
+        method = build_method(name, options)
+        method.attach(**{role: CountingLM(seed) for role, seed in frozen.items()})
+        model = CountingLM(0)
+        out = method.loss(model, batches)
+        out.loss.backward()
+        results[joined] = (out, model.embed.weight.grad, model.rows)
+    (sep, sep_grad, sep_rows), (joint, joint_grad, joint_rows) = results[False], results[True]
+    assert len(sep_rows) >= 2 and len(joint_rows) == 1 and joint_rows[0] == sum(sep_rows)
+    assert joint.loss.item() == pytest.approx(sep.loss.item(), rel=1e-6)
+    assert torch.allclose(joint_grad, sep_grad, rtol=1e-5, atol=1e-7)
+    assert joint.logs == pytest.approx(sep.logs, rel=1e-6) and joint.extra_flops == sep.extra_flops
+
+
+def test_batches_of_very_different_widths_are_not_joined(monkeypatch):
+    import undo.methods.base as base
+
+    monkeypatch.setitem(base.JOINT_FORWARD, "cpu", True)
+    wide = {k: torch.cat([v, v[:, 1:2].expand(-1, 20)], dim=1) for k, v in RETAIN.items()}  # 4 -> 24 tokens
+    model = CountingLM(0)
+    base.logits_of_each(model, [FORGET, wide])
+    assert model.rows == [2, 2]
 
 
 # ---------------------------------------------------------------- registry and options
@@ -311,8 +387,8 @@ def test_sam_step_restores_weights_and_leaves_the_perturbed_gradient():
     assert torch.equal(model.embed.weight.detach(), w)
     assert torch.allclose(model.embed.weight.grad, expected_grad, atol=1e-6)
     assert out.loss.item() == pytest.approx(sam.base.loss(BigramLM(0), batches).loss.item())
-    # the second forward/backward is counted: 6 x params x tokens
-    assert out.extra_flops == 6.0 * V * V * FORGET["input_ids"].numel()
+    # both forward/backward passes are counted: 2 x 6 x params x tokens
+    assert out.train_flops == 2 * 6.0 * V * V * FORGET["input_ids"].numel() and out.extra_flops == 0.0
 
 
 def test_sam_takes_its_base_methods_needs_and_defaults():
@@ -462,3 +538,18 @@ def test_task_vector_subtracts_the_finetuning_change_scaled():
     for n, p in model.named_parameters():
         expected = theta[n] + deltas[n] if p is frozen else theta[n] - 0.5 * deltas[n]
         assert torch.allclose(p, expected, atol=1e-6), n
+
+
+def test_joined_forward_on_a_real_decoder_gives_each_batch_its_own_logits(monkeypatch):
+    """With right padding and a causal mask, a row's real positions have the logits they have alone."""
+    import undo.methods.base as base
+
+    monkeypatch.setitem(base.JOINT_FORWARD, "cpu", True)
+    model = tiny_llama()
+    narrow = {k: v[:, :4] for k, v in LLAMA_BATCH.items()}
+    with torch.no_grad():
+        joined = base.logits_of_each(model, [LLAMA_BATCH, narrow])
+        alone = [base.logits_of(model, LLAMA_BATCH), base.logits_of(model, narrow)]
+    for j, a, b in zip(joined, alone, (LLAMA_BATCH, narrow)):
+        real = b["attention_mask"].bool()
+        assert j.shape == a.shape and torch.allclose(j[real], a[real], atol=1e-5)

@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 
 from undo.errors import UndoError
-from undo.store import ResultStore, worst_case_curve
+from undo.store import ResultStore, worst_case, worst_case_curve
 
 
 def point(lr, step, **metrics):
@@ -46,6 +46,37 @@ def test_worst_case_curve_skips_missing_and_nan_values():
     assert worst_case_curve([], "acc", higher_is_better=True) == []
 
 
+def test_worst_case_goes_over_any_points_and_breaks_ties_by_point_order():
+    """Points of any attack (not only learning rates): the attacker's best per step, ties to
+    the smallest point, numbers compared by value (bits 4 < bits 16, not as text)."""
+    rows = [{"point": {"bits": 16}, "step": 1, "metrics": {"acc": 0.5}},
+            {"point": {"bits": 4}, "step": 1, "metrics": {"acc": 0.5}},
+            {"point": {"bits": 8}, "step": 1, "metrics": {"acc": 0.2}}]
+    for seed in range(4):
+        random.Random(seed).shuffle(rows)
+        assert worst_case(rows, "acc", higher_is_better=True) == [(1, 0.5, {"bits": 4})]
+        assert worst_case(rows, "acc", higher_is_better=False) == [(1, 0.2, {"bits": 8})]
+    assert worst_case_curve(rows, "acc", higher_is_better=False)[0][:2] == (1, 0.2)
+    assert math.isnan(worst_case_curve(rows, "acc", higher_is_better=False)[0][2])  # no learning rate
+
+
+def test_attacks_with_arbitrary_points_record_side_by_side(tmp_path):
+    """One model, several attacks whose points are not learning rates: each is its own curve;
+    an empty point (a one-run attack) records too; re-recording replaces."""
+    store = ResultStore(tmp_path / "r.sqlite")
+    store.record_attack("m", {"bits": 8}, 1, {"acc": 0.3}, attack="quantize")
+    store.record_attack("m", {"bits": 4}, 1, {"acc": 0.6}, attack="quantize")
+    store.record_attack("m", {}, 0, {"acc": 0.1}, attack="fewshot")
+    store.record_attack("m", {}, 16, {"acc": 0.4}, attack="fewshot")
+    store.record_attack("m", {"lr": 1e-3}, 10, {"acc": 0.9})
+    store.record_attack("m", {"bits": 4}, 1, {"acc": 0.65}, attack="quantize")
+    assert [(p["point"], p["lr"], p["metrics"]["acc"]) for p in store.attack_points("m", attack="quantize")] == [
+        ({"bits": 4}, None, 0.65), ({"bits": 8}, None, 0.3)]
+    assert [(p["point"], p["step"]) for p in store.attack_points("m", attack="fewshot")] == [({}, 0), ({}, 16)]
+    assert [p["lr"] for p in store.attack_points("m")] == [1e-3]
+    assert store.attacks() == ["quantize", "fewshot", "relearn"]
+
+
 def fill(store):
     store.record_model("base", "base", {"forget_acc": 0.9, "retain_acc": 0.95}, 1e12, 10.0, {"steps": 100})
     store.record_model("maxent", "method", {"forget_acc": 0.1, "retain_acc": 0.9}, 1e10, 2.5,
@@ -69,9 +100,9 @@ def test_store_round_trip_and_reopen(tmp_path):
     ]
     # ordered by lr, then step
     assert store.attack_points("maxent") == [
-        {"lr": 1e-4, "step": 0, "metrics": {"forget_acc": 0.1}, "seed": 0, "attack_seed": 0},
-        {"lr": 1e-4, "step": 10, "metrics": {"forget_acc": 0.3}, "seed": 0, "attack_seed": 0},
-        {"lr": 1e-3, "step": 0, "metrics": {"forget_acc": 0.1}, "seed": 0, "attack_seed": 0},
+        {"point": {"lr": 1e-4}, "lr": 1e-4, "step": 0, "metrics": {"forget_acc": 0.1}, "seed": 0, "attack_seed": 0},
+        {"point": {"lr": 1e-4}, "lr": 1e-4, "step": 10, "metrics": {"forget_acc": 0.3}, "seed": 0, "attack_seed": 0},
+        {"point": {"lr": 1e-3}, "lr": 1e-3, "step": 0, "metrics": {"forget_acc": 0.1}, "seed": 0, "attack_seed": 0},
     ]
     assert store.attack_points("nobody") == []
     assert store.stage_times() == [{"stage": "pretrain/base", "seconds": 12.5, "cached": False},
@@ -110,6 +141,9 @@ def test_nan_metrics_survive_the_round_trip(tmp_path):
     (lambda s: s.record_attack("m", 0.0, 1, {}), "learning rate must be a positive"),
     (lambda s: s.record_attack("m", 1e-3, -1, {}), "step must be an integer >= 0"),
     (lambda s: s.record_attack("m", 1e-3, 1.5, {}), "step must be an integer >= 0"),
+    (lambda s: s.record_attack("m", {"lr": -1.0}, 1, {}), "learning rate must be a positive"),
+    (lambda s: s.record_attack("m", ["bits", 4], 1, {}), "must be a mapping"),
+    (lambda s: s.record_attack("m", {"bits": object()}, 1, {}), "JSON values"),
 ])
 def test_bad_records_raise_one_clear_error(tmp_path, call, match):
     store = ResultStore(tmp_path / "r.sqlite")
@@ -155,3 +189,23 @@ def test_a_store_of_an_older_layout_is_rebuilt(tmp_path):
     assert store.models() == []
     store.record_model("base", "base", {"forget_acc": 0.9}, 1.0, 1.0, {}, seed=2)
     assert store.models()[0]["seed"] == 2
+
+
+def test_running_worst_keeps_the_attackers_best_checkpoint():
+    """Robustness at step k is the best over every step <= k, with the point that reached it."""
+    from undo.store import running_worst
+    curve = [(0, 0.1, 1e-3), (10, 0.6, 1e-2), (20, 0.4, 1e-3), (30, 0.6, 1e-3), (40, 0.7, 1e-4)]
+    assert running_worst(curve, higher_is_better=True) == [
+        (0, 0.1, 1e-3), (10, 0.6, 1e-2), (20, 0.6, 1e-2), (30, 0.6, 1e-2), (40, 0.7, 1e-4)]  # a tie keeps the earlier
+    ce = [(0, 3.0, 1e-3), (10, 2.0, 1e-2), (20, 2.5, 1e-3)]
+    assert running_worst(ce, higher_is_better=False) == [(0, 3.0, 1e-3), (10, 2.0, 1e-2), (20, 2.0, 1e-2)]
+    assert running_worst([], higher_is_better=True) == []
+
+
+def test_attacks_follow_the_graph_order_whatever_order_they_finished_in(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    store.record_attack("m", {}, 1, {"acc": 0.1}, attack="fewshot", key="k_fewshot")
+    store.record_attack("m", {"lr": 1e-3}, 1, {"acc": 0.2}, key="k_relearn")
+    assert store.attacks() == ["fewshot", "relearn"]  # no graph declared: recording order
+    store.set_graph(["k_relearn", "k_fewshot"])
+    assert store.attacks() == ["relearn", "fewshot"]

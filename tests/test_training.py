@@ -100,6 +100,26 @@ def test_grad_accumulation_matches_full_batch(setup):
         assert torch.allclose(p, q, atol=1e-5)
 
 
+def test_each_step_builds_its_batch_once_whatever_the_accumulation(setup, monkeypatch):
+    """The micro-batches of a step are slices of one batch, not grad_accum rebuilt copies; they
+    are the batch's rows in order."""
+    tok, rows = setup
+    built, seen = [], []
+    real_batch = BatchStream.batch
+    monkeypatch.setattr(BatchStream, "batch", lambda self, step: built.append(step) or real_batch(self, step))
+
+    def loss(model, batches):
+        seen.append(batches["train"]["input_ids"])
+        return lm_loss(model, batches)
+
+    model = build_model(ModelConfig(preset="tiny"), tok, seed=0)
+    stream = BatchStream(rows, 8, seed=0)
+    train(model, loss, {"train": stream}, TrainConfig(steps=3, batch_size=8, grad_accum=4, checkpoint_every=0), seed=0)
+    assert built == [0, 1, 2]
+    for step in range(3):
+        assert torch.equal(torch.cat(seen[4 * step:4 * step + 4]), real_batch(stream, step)["input_ids"])
+
+
 def test_schedule_shapes():
     cos = lr_lambda(TrainConfig(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1))
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)

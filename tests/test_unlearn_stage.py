@@ -61,11 +61,11 @@ def count_loads(monkeypatch):
 
 def test_graddiff_raises_forget_ce_and_keeps_retain(base, count_loads):
     exp, run_dir, base_art = base
-    run = MethodRun("graddiff", train={**QUICK, "steps": 12, "lr": 3e-4})
+    run = MethodRun("graddiff", train={**QUICK, "steps": 12, "lr": 1e-3})
     art = unlearn_stage(exp, run_dir, run, base_art)
     r = art.result()
     before, after = r["metrics_before"], r["metrics"]
-    # measured: forget CE 1.280 -> 1.352, retain CE 1.231 -> 1.208, forget accuracy 0.03 -> 0.00
+    # measured (length-bucketed batches, lr 1e-3): forget CE 1.296 -> 1.382, retain CE 1.396 -> 1.315
     assert after["forget_ce"] > before["forget_ce"] + 0.03
     assert after["retain_ce"] < before["retain_ce"] + 0.02
     assert after["forget_acc"] <= before["forget_acc"]
@@ -143,6 +143,19 @@ def test_idk_rows_pair_with_forget_rows(base):
         assert f_prompt == i_prompt and torch.equal(f_ids[:f_prompt], i_ids[:i_prompt])
         answer = tok.decode(i_ids[i_prompt:], skip_special_tokens=True).strip()
         assert answer in {a.strip() for a in IDK_ANSWERS}
+
+
+def test_one_example_rows_are_bucketed_by_length(base):
+    """Arithmetic rows hold one example each: batches of similar lengths carry little padding
+    (random batches were ~45% padding)."""
+    exp, _, base_art = base
+    _, tok = load_model(base_art.model_dir)
+    task = build_task(exp.task, exp.seed)
+    method = build_method("graddiff")
+    streams = build_streams(task, tok, method, train_config(method, QUICK, "graddiff"), seed=0)
+    for stream in streams.values():
+        masks = [stream.batch(k)["attention_mask"] for k in range(8)]
+        assert sum(int(m.sum()) for m in masks) > 0.85 * sum(m.numel() for m in masks)
 
 
 # ---------------------------------------------------------------- CLI

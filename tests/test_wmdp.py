@@ -3,6 +3,7 @@ with clear errors, and the forget/retain corpora (fixtures in tests/fixtures/wmd
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -20,8 +21,9 @@ from undo.errors import UndoError
 from undo.experiment import load_experiment
 from undo.tasks import TaskConfig, build_task
 from undo.tasks.base import Example
-from undo.tasks.wmdp import (LETTERS, WMDPOptions, WMDPTask, encode_pair, lm_eval_adds_bos, loglikelihoods,
-                             mcq_accuracy, mcq_context, mcq_predictions, read_examples, read_questions, spread)
+from undo.tasks.wmdp import (LETTERS, WMDPOptions, WMDPTask, encode_pair, first_per_subject, loglikelihoods,
+                             max_length, mcq_accuracy, mcq_context, mcq_predictions, read_examples, read_questions,
+                             spread)
 from undo.tokenization import encode, train_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wmdp"
@@ -100,9 +102,24 @@ def test_encode_pair_moves_trailing_space_and_adds_bos_only_when_asked(tok):
     assert ctx_bos == [tok.bos_token_id] + ctx and cont_bos == cont
 
 
-def test_lm_eval_prepends_bos_for_gemma_only():
-    assert lm_eval_adds_bos(BigramLM(torch.zeros(2, 2), "gemma2"))
-    assert not lm_eval_adds_bos(BigramLM(torch.zeros(2, 2), "llama"))
+def with_bos_template(tok):
+    """A copy of `tok` whose own default adds BOS, as Llama's and Gemma's tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tok)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    return tok
+
+
+def test_lm_eval_rule_follows_the_tokenizers_own_default(tok):
+    """lm-eval >= 0.4.9.2: BOS exactly when the tokenizer adds it, whatever the model type."""
+    plain, bos_tok = encode(tok, "Answer:"), with_bos_template(tok)
+    assert encode_pair(tok, "Answer:", " A") == encode_pair(tok, "Answer:", " A", add_bos=False)
+    assert encode_pair(bos_tok, "Answer:", " A")[0] == [tok.bos_token_id] + plain
+    assert encode_pair(bos_tok, "Answer:", " A") == encode_pair(tok, "Answer:", " A", add_bos=True)
+    # A text that already starts with the BOS text gets no second one (lm-eval's has_bos_prefix).
+    assert encode_pair(bos_tok, "<bos>Answer:", " A")[0] == [tok.bos_token_id] + plain
 
 
 # ---------------------------------------------------------------- log-likelihoods, by hand
@@ -141,6 +158,34 @@ def test_loglikelihoods_on_a_real_model_equal_unbatched_forward_passes():
             logp = torch.log_softmax(model(input_ids=seq[:, :-1]).logits[0].float(), -1)
         expected = sum(logp[len(ctx) + j - 1, t].item() for j, t in enumerate(cont))
         assert value == pytest.approx(expected, abs=1e-4)
+
+
+class RecordingLM(BigramLM):
+    """A bigram model that keeps the rows it was fed (without padding)."""
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
+        self.seen += [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        return super().forward(input_ids, attention_mask, logits_to_keep)
+
+
+def test_long_requests_keep_lm_evals_last_max_length_tokens():
+    """lm-eval feeds (context + continuation)[-(max_length + 1):][:-1]: max_length tokens,
+    not max_length - 1 (undo before 0.4.13 parity)."""
+    model = RecordingLM(torch.randn(12, 12))
+    model.config.max_position_embeddings = 4
+    model.seen = []
+    got = loglikelihoods(model, [([1, 2, 3, 4, 5, 6], [7]), ([1, 2, 3, 4], [5, 6]), ([1, 2], [3])])
+    assert sorted(model.seen) == [[1, 2], [2, 3, 4, 5], [3, 4, 5, 6]]
+    assert got[0] == pytest.approx(loglikelihoods(model, [([3, 4, 5, 6], [7])])[0])
+    with pytest.raises(UndoError, match="longer than the model's max length 4"):
+        loglikelihoods(model, [([1], [2, 3, 4, 5, 6])])
+
+
+def test_max_length_is_resolved_as_lm_eval_does(tok):
+    assert max_length(SimpleNamespace(config=SimpleNamespace(n_positions=64, max_position_embeddings=128))) == 64
+    assert max_length(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(n_ctx=32)))) == 32
+    assert max_length(SimpleNamespace(config=SimpleNamespace()), SimpleNamespace(model_max_length=99)) == 99
+    assert max_length(SimpleNamespace(config=SimpleNamespace()), tok) == 2048  # no limit set anywhere
 
 
 def test_empty_continuation_is_refused():
@@ -191,17 +236,22 @@ def test_quick_evaluation_spreads_its_questions_and_one_forget_set_is_enough(tok
     assert "wmdp_cyber/acc" not in metrics
     assert metrics["forget_acc"] == metrics["wmdp_bio/acc"] == 0.0  # bio questions 0, 2: answers A, A
     assert metrics["retain_acc"] == 0.5                             # mmlu questions 0, 2: answers A, B
-    assert len(task(eval_limit=3).questions("mmlu")) == 3 and spread(list("abcde"), 3) == ["a", "b", "d"]
+    assert spread(list("abcde"), 3) == ["a", "b", "d"]
     assert spread([1, 2], 5) == [1, 2] and spread([1, 2], None) == [1, 2]
 
 
-def test_bos_follows_the_add_bos_option(tok):
-    """lm-eval: BOS for a Gemma model, not for a Llama one; always/never override it."""
-    gemma_like = prefer_letter_model(tok, "D", len(tok))
-    gemma_like.config.model_type = "gemma2"
-    assert task().add_bos(gemma_like) and not task().add_bos(prefer_letter_model(tok, "D", len(tok)))
-    assert task(add_bos="always").add_bos(prefer_letter_model(tok, "D", len(tok)))
-    assert not task(add_bos="never").add_bos(gemma_like)
+def test_eval_limit_is_lm_evals_limit_the_first_n_of_each_task():
+    """`--limit N` takes each task's first N questions; MMLU's subjects are separate tasks."""
+    assert task(eval_limit=2).questions("wmdp_bio") == read_questions(str(BIO), "biology")[:2]
+    assert task(eval_limit=1).questions("mmlu") == read_questions(str(MMLU), None)  # five subjects, one each
+    q = [read_questions(str(MMLU), None)[i] for i in (0, 1, 0, 0, 1, 2)]  # subjects s0 s1 s0 s0 s1 s2
+    assert first_per_subject(q, 2) == [q[0], q[1], q[2], q[4], q[5]] and first_per_subject(q, None) == q
+
+
+def test_bos_follows_the_add_bos_option():
+    """lm-eval: the tokenizer decides (None), whatever the model type; always/never override it."""
+    assert task().add_bos() is None and task(add_bos="lm-eval").add_bos() is None
+    assert task(add_bos="always").add_bos() is True and task(add_bos="never").add_bos() is False
 
 
 def test_evaluate_runs_on_a_tiny_gemma2(tok):
@@ -422,3 +472,16 @@ def test_wmdp_preset_validates_and_points_at_files_the_user_provides(tmp_path, m
     shutil.copy(MMLU, tmp_path / exp.task.options["mmlu"])
     t = build_task(exp.task, exp.seed)
     assert len(t.questions("mmlu")) == 5 and len(t.train_examples("forget")) == 8
+
+
+def test_a_task_version_bump_changes_every_cache_key(monkeypatch):
+    """WMDPTask.version 2 (lm-eval 0.4.13 scoring) must not reuse stages scored the old way."""
+    from undo.engine.graph import build_graph
+    from undo.tasks import task_class
+
+    assert WMDPTask.version == 2
+    exp = load_experiment("quick")
+    before = {node_id: node.key for node_id, node in build_graph(exp).nodes.items()}
+    monkeypatch.setattr(task_class(exp.task.name), "version", 99)
+    after = {node_id: node.key for node_id, node in build_graph(exp).nodes.items()}
+    assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)

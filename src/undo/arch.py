@@ -2,12 +2,15 @@
 and norm weights of each supported HF causal LM live. Everything else in undo asks this
 module instead of hard-coding attribute paths. It also knows which parameters are tied
 (one tensor under two names) and how to read the residual stream after a layer, with
-the forward pass cut short there (RMU's steering target).
+the forward pass cut short there (RMU's steering target), at every depth at once (linear
+probes), or with a direction projected out of it everywhere (directional ablation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -20,18 +23,22 @@ class ArchSpec:
     layers: str               # dotted path to the ModuleList of decoder layers
     mlp_down: str             # path inside a layer to the MLP output projection (nn.Linear or Conv1D)
     norm_offset: float = 0.0  # RMSNorm scale is (offset + w): Gemma uses (1 + w)
+    # paths inside a layer to the modules whose outputs are added to the residual stream
+    # (attention, MLP; Gemma-2/3 add them after a post-norm, so the norms are the writers)
+    writers: tuple[str, ...] = ("self_attn", "mlp")
 
 
+GEMMA2_WRITERS = ("post_attention_layernorm", "post_feedforward_layernorm")
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("model.layers", "mlp.down_proj"),
     "mistral": ArchSpec("model.layers", "mlp.down_proj"),
     "qwen2": ArchSpec("model.layers", "mlp.down_proj"),
     "qwen3": ArchSpec("model.layers", "mlp.down_proj"),
     "gemma": ArchSpec("model.layers", "mlp.down_proj", norm_offset=1.0),
-    "gemma2": ArchSpec("model.layers", "mlp.down_proj", norm_offset=1.0),
-    "gemma3_text": ArchSpec("model.layers", "mlp.down_proj", norm_offset=1.0),
-    "gpt2": ArchSpec("transformer.h", "mlp.c_proj"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h"),
+    "gemma2": ArchSpec("model.layers", "mlp.down_proj", norm_offset=1.0, writers=GEMMA2_WRITERS),
+    "gemma3_text": ArchSpec("model.layers", "mlp.down_proj", norm_offset=1.0, writers=GEMMA2_WRITERS),
+    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", writers=("attn", "mlp")),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", writers=("attention", "mlp")),
     "phi3": ArchSpec("model.layers", "mlp.down_proj"),
 }
 
@@ -145,3 +152,76 @@ def residual_stream(model: torch.nn.Module, layer: int, input_ids: torch.Tensor,
     finally:
         handle.remove()
     return captured[0]
+
+
+def residual_streams(model: torch.nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The residual stream at every depth from one forward pass: entry k is the stream after k
+    decoder layers ([batch, seq, hidden] each; k = 0: the embeddings as layer 0 reads them).
+    Like `output_hidden_states=True` but with the last entry before the final norm, as for
+    every other layer; the pass stops after the last layer (no LM head). Grad follows the
+    caller's mode (use torch.no_grad() to read features)."""
+    inner = unwrap(model)
+    layers = decoder_layers(inner)
+    captured: list[torch.Tensor] = []
+
+    def read_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    def read_output(module: torch.nn.Module, args: object, output: object) -> None:
+        captured.append(_hidden(output))
+        if module is layers[-1]:
+            raise _StopForward
+
+    handles = [layers[0].register_forward_pre_hook(read_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(read_output) for layer in layers]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    unit = unit.to(dtype=x.dtype, device=x.device)
+    return x - (x @ unit).unsqueeze(-1) * unit
+
+
+@contextlib.contextmanager
+def direction_ablated(model: torch.nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Within the block, `direction` is projected out of the residual stream everywhere
+    (Arditi et al. 2024's directional ablation): x <- x - (x . r) r with r = direction / |direction|,
+    applied to the embeddings as layer 0 reads them and to the output of every module that
+    writes to the stream (`ArchSpec.writers`: attention and MLP, or Gemma-2's post-norms).
+    The stream is a sum of those terms, so after every layer it has no component along r
+    (up to float rounding). Equivalent to orthogonalising the weights that write to the
+    stream, without touching them."""
+    inner = unwrap(model)
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise UndoError("direction_ablated: the direction is zero or not finite; there is nothing to project out")
+    unit = (direction / norm).detach()
+    layers = decoder_layers(inner)
+
+    def on_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (_project_out(args[0], unit), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _project_out(kwargs["hidden_states"], unit)}
+
+    def on_output(module: torch.nn.Module, args: object, output: object) -> object:
+        if isinstance(output, tuple):
+            return (_project_out(output[0], unit), *output[1:])
+        return _project_out(output, unit)  # type: ignore[arg-type]
+
+    handles = [layers[0].register_forward_pre_hook(on_input, with_kwargs=True)]
+    for layer in layers:
+        for path in spec(inner).writers:
+            handles.append(_get(layer, path).register_forward_hook(on_output))  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -124,11 +124,13 @@ class BatchStream:
     """Batches of rows for any step, deterministically: epoch e uses an order drawn from
     (seed, e). With `bucket`, rows of similar length share a batch (less padding): the
     epoch's shuffled order is cut into windows of 16 batches, each window sorted by length,
-    and the batches of a window shuffled again."""
+    and the batches of a window shuffled again. `lengths` orders the buckets instead of the
+    rows' own (a stream whose row i must pair with row i of another: give it the other's)."""
 
     BUCKET_WINDOW = 16
 
-    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, bucket: bool = False):
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, bucket: bool = False,
+                 lengths: torch.Tensor | None = None):
         self.rows = rows
         self.n = rows["input_ids"].shape[0]
         if self.n == 0:
@@ -136,7 +138,7 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.bucket = bucket
-        self.lengths = rows["attention_mask"].sum(1)
+        self.lengths = rows["attention_mask"].sum(1) if lengths is None else lengths
         self._perm_cache: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:

@@ -174,8 +174,12 @@ class UndoConfig:
     beta: float = 0.1                   # paper: 0.1 on synthetic tasks, 0 (pure shrink) for WMDP
     temperature: float = 1.0
     data: Literal["mixture", "retain"] = "mixture"  # what the student is distilled on
-    stop_rule: Literal["absolute", "relative", "none"] = "absolute"
-    stop_tolerance: float = 0.05        # absolute: |teacher - student| retain metric; relative: fraction
+    # When the student's retain metric has recovered: within stop_tolerance of the teacher's, absolute
+    # (|teacher - student|) or relative (a fraction of the teacher's). auto: absolute for accuracies,
+    # relative for cross-entropies (the paper's rules: 0.05 accuracy, 5% CE). none: never.
+    stop_rule: Literal["auto", "absolute", "relative", "none"] = "auto"
+    stop_tolerance: float = 0.05
+    stop_at_recovery: bool = True       # false: train the whole budget, still recording the recovery step
     distill: TrainConfig = dataclasses.field(default_factory=_distill_default)
     unlearn_and_distill: bool = True    # also distill into a randomly initialised student
     unlearn_and_distill_steps: Optional[int] = None  # budget for it (default: distill.steps)
@@ -186,6 +190,24 @@ class UndoConfig:
                 raise UndoError(f"{where}.alphas: alpha {a} is outside [0, 1]")
         if self.temperature <= 0:
             raise UndoError(f"{where}.temperature must be > 0")
+        if not self.stop_tolerance >= 0:
+            raise UndoError(f"{where}.stop_tolerance must be >= 0, got {self.stop_tolerance}")
+
+
+@dataclasses.dataclass
+class QualityGate:
+    """What happens when a pretrained starting model misses its task's quality gate
+    (`Task.quality_gate`; arithmetic: `task.options.gate_acc` on every operation)."""
+
+    on_miss: Literal["fail", "mark"] = "mark"  # fail: stop with one line (exit 2); mark: go on, the report marks it
+    extend_steps: int = 0   # while below the gate, train this many more steps at a time (a warm restart of the schedule)
+    max_steps: int = 0      # ... up to this many pretraining steps in all (0: no extension)
+
+    def validate(self, where: str) -> None:
+        if self.extend_steps < 0 or self.max_steps < 0:
+            raise UndoError(f"{where}: extend_steps and max_steps must be >= 0")
+        if self.max_steps and not self.extend_steps:
+            raise UndoError(f"{where}.max_steps {self.max_steps} needs extend_steps (the size of one extra chunk), e.g. 600")
 
 
 @dataclasses.dataclass
@@ -215,6 +237,7 @@ class ExperimentConfig:
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     pretrain: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     models: dict[str, StartModel] = dataclasses.field(default_factory=_default_models)
+    quality_gate: QualityGate = dataclasses.field(default_factory=QualityGate)
     unlearn: UnlearnConfig = dataclasses.field(default_factory=UnlearnConfig)
     undo: UndoConfig = dataclasses.field(default_factory=UndoConfig)
     attacks: list[AttackSpec] = dataclasses.field(default_factory=_default_attacks)
@@ -267,8 +290,31 @@ _RENAMED = {"attack": "attacks (a list: attacks: [{name: relearn, options: {...}
             "undo.teacher": "undo.after (auto, all, or a list of recipe names)"}
 
 
+def merge(parent: dict, child: dict) -> dict:
+    """`child` over `parent`: mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(parent)
+    for key, value in child.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_raw(name_or_path: str, chain: tuple[str, ...] = ()) -> dict:
+    """A config file as a mapping; `extends: NAME` (a preset, or a file beside this one) is
+    read first and this file's keys go over it."""
+    path = resolve_config_path(name_or_path)
+    if str(path.resolve()) in chain:
+        raise UndoError(f"config {path}: 'extends' loops back to itself; remove the cycle")
+    raw = load_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    beside = path.parent / str(parent)
+    base = load_raw(str(beside) if beside.is_file() else str(parent), chain + (str(path.resolve()),))
+    return merge(base, raw)
+
+
 def load_experiment(name_or_path: str, overrides: list[str] = ()) -> ExperimentConfig:
-    raw = load_yaml(resolve_config_path(name_or_path))
+    raw = load_raw(name_or_path)
     raw = apply_overrides(raw, list(overrides))
     if "attack" in raw or "teacher" in (raw.get("undo") or {}):
         old = "attack" if "attack" in raw else "undo.teacher"

@@ -98,6 +98,7 @@ class TrainResult:
     # FSDP only: the full weights gathered from every shard, for the main process to save
     # (`Artifact.write(state_dict=...)`); None when the model object holds them itself.
     full_state_dict: Optional[dict[str, torch.Tensor]] = None
+    eval_flops: list[float] = dataclasses.field(default_factory=list)  # FLOPs so far at each history entry
 
 
 def lm_loss(model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
@@ -108,6 +109,12 @@ def lm_loss(model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
         losses.append(masked_ce(logits, batch["labels"]))
     loss = torch.stack(losses).mean()
     return LossOutput(loss, {"ce": loss.item()})
+
+
+def _adamw_impl(device: torch.device) -> dict[str, bool]:
+    """The fused CUDA kernel on a GPU (one launch per step); on CPU the multi-tensor form,
+    whose numbers every cached CPU result was made with."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -197,17 +204,18 @@ class _LoopState:
     tokens: int = 0
     flops: float = 0.0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eval_flops: list[float] = dataclasses.field(default_factory=list)  # FLOPs so far at each evaluation
     elapsed: float = 0.0                  # wall seconds of the runs before the resume point
     t0: float = 0.0                       # when this run's loop started
     last_loss: float = float("nan")
     stopped_early: bool = False
 
 
-def _optimizer_and_scheduler(params: list[torch.nn.Parameter],
-                             cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def _optimizer_and_scheduler(params: list[torch.nn.Parameter], cfg: TrainConfig,
+                             device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                      foreach=True)
+                                      **_adamw_impl(device))
     else:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -220,7 +228,7 @@ def _prepare(model: torch.nn.Module, params: Optional[list[torch.nn.Parameter]],
         params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UndoError(f"{desc}: no trainable parameters; check the method's parameter selection")
-    optimizer, scheduler = _optimizer_and_scheduler(params, cfg)
+    optimizer, scheduler = _optimizer_and_scheduler(params, cfg, acc.device)
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(model, True, desc)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
@@ -246,7 +254,7 @@ def _load_resume_point(acc: Accelerator, resume_dir: Optional[Path]) -> _LoopSta
     acc.load_state(str(resume_dir / "accelerate"))
     _set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
     return _LoopState(step=saved["step"], tokens=saved["tokens"], flops=saved["flops"], history=saved["history"],
-                      elapsed=saved["elapsed"])
+                      eval_flops=saved.get("eval_flops", []), elapsed=saved["elapsed"])
 
 
 def _save_resume_point(acc: Accelerator, resume_dir: Optional[Path], state: _LoopState) -> None:
@@ -269,6 +277,7 @@ def _save_resume_point(acc: Accelerator, resume_dir: Optional[Path], state: _Loo
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": state.step, "tokens": state.tokens,
                                                         "flops": state.flops, "history": state.history,
+                                                        "eval_flops": state.eval_flops,
                                                         "elapsed": state.elapsed + time.time() - state.t0}))
             _swap_in(tmp, resume_dir)
     acc.wait_for_everyone()
@@ -292,20 +301,19 @@ def _evaluate(run: _Prepared, state: _LoopState, evaluate: Optional[Callable[[to
     # Every process evaluates; the main process's numbers decide, so early stops agree.
     metrics = distributed.broadcast(evaluate(run.acc.unwrap_model(run.model)))
     state.history.append({"step": state.step, **metrics})
+    state.eval_flops.append(state.flops)  # compute up to this point (e.g. until a stop rule first held)
     return should_stop is not None and metrics is not None and should_stop(metrics)
 
 
-def _micro_batches(run: _Prepared, streams: dict[str, BatchStream], cfg: TrainConfig, step: int, k: int) -> dict[str, Batch]:
-    """Micro-batch k*world + rank of the step's global batch: W processes with accumulation
-    K split it exactly as 1 process with accumulation W*K does, so the two runs agree."""
+def _micro_batches(run: _Prepared, full: dict[str, Batch], cfg: TrainConfig, k: int) -> dict[str, Batch]:
+    """Micro-batch k*world + rank of the step's global batches `full` (built once per step):
+    W processes with accumulation K split them exactly as 1 process with accumulation W*K
+    does, so the two runs agree."""
     world = run.acc.num_processes
     micro = cfg.batch_size // (cfg.grad_accum * world)
     i = k * world + run.acc.process_index
-    out = {}
-    for name, stream in streams.items():
-        full = stream.batch(step)
-        out[name] = {key: v[i * micro:(i + 1) * micro].to(run.acc.device) for key, v in full.items()}
-    return out
+    return {name: {key: v[i * micro:(i + 1) * micro].to(run.acc.device) for key, v in batch.items()}
+            for name, batch in full.items()}
 
 
 def _count(run: _Prepared, state: _LoopState, out: LossOutput, batches: dict[str, Batch]) -> None:
@@ -323,8 +331,9 @@ def _train_step(run: _Prepared, state: _LoopState, loss_fn: LossFn, streams: dic
     synchronised on the last), a NaN check, clipping, the update; returns the mean logs."""
     acc, world = run.acc, run.acc.num_processes
     logs: dict[str, float] = {}
+    full = {name: stream.batch(state.step) for name, stream in streams.items()}
     for k in range(cfg.grad_accum):
-        batches = _micro_batches(run, streams, cfg, state.step, k)
+        batches = _micro_batches(run, full, cfg, k)
         ctx = acc.no_sync(run.model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
             if step_hook is not None:
@@ -399,7 +408,7 @@ def _finish(run: _Prepared, state: _LoopState, cfg: TrainConfig, streams: dict[s
     wall = state.elapsed + time.time() - state.t0
     return TrainResult(steps=state.step, tokens=state.tokens, flops=state.flops, wall_seconds=wall,
                        history=state.history, stopped_early=state.stopped_early, final_loss=state.last_loss,
-                       full_state_dict=_full_state_dict(run))
+                       full_state_dict=_full_state_dict(run), eval_flops=state.eval_flops)
 
 
 def train(

@@ -4,7 +4,9 @@ An attack is a small class: a `name`, a one-line `description`, an `Options` dat
 `points()` (its independent runs, e.g. one per learning rate: each becomes a stage of its
 own, cached by a key that covers only that run) and `run(...)`, which attacks one model
 with one point and returns the sidecar: at least "curve", a list of {"step": k, **metrics}
-(one entry for a one-shot attack), plus "flops" and "wall_seconds".
+(a one-shot attack: one entry at step 1; step 0 is the model before the attack), plus
+"flops" and "wall_seconds". A point is any JSON mapping ({"lr": 1e-3}, {"bits": 4}, {}); the
+store records it as is.
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ from ..registry import Registry
 # name -> "module:Class", imported when used. Adding an attack: one file + one line here.
 _REGISTRY = Registry("attack", "undo attacks", {
     "relearn": "undo.attacks.relearn:Relearn",
+    "relearn_lora": "undo.attacks.relearn_lora:RelearnLora",
+    "heldout_relearn": "undo.attacks.heldout_relearn:HeldoutRelearn",
+    "quantize": "undo.attacks.quantize:Quantize",
+    "fewshot": "undo.attacks.fewshot:Fewshot",
+    "probe": "undo.attacks.probe:Probe",
+    "suffix": "undo.attacks.suffix:Suffix",
+    "ablate": "undo.attacks.ablate:Ablate",
 })
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """A compact label of an attack point: lr0.001, bits4, k16-mode=x, run (no settings)."""
+    return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(point.items())) or "run"
 
 
 class Attack(abc.ABC):
@@ -27,6 +41,10 @@ class Attack(abc.ABC):
     description: ClassVar[str]
     Options: ClassVar[type]
     version: ClassVar[int] = 1          # bump when the attack's semantics change (part of the cache key)
+    # The curve metric the report's attack matrix shows for this attack (None: the task's forget
+    # metric, read in the task's direction) and, for another metric, whether higher = more recovered.
+    matrix_metric: ClassVar[Optional[str]] = None
+    matrix_higher_is_better: ClassVar[bool] = True
 
     def __init__(self, options: Any):
         self.options = options
@@ -36,7 +54,7 @@ class Attack(abc.ABC):
         return [{}]
 
     def point_label(self, point: dict[str, Any]) -> str:
-        return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items()) or "run"
+        return point_label(point)
 
     def key_options(self) -> dict[str, Any]:
         """The options one run depends on besides its point (override to drop the list the

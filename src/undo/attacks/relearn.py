@@ -15,6 +15,8 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from ..config import to_dict
 from ..data import BatchStream, task_rows
 from ..errors import UndoError
@@ -56,11 +58,12 @@ class AttackConfig:
                            checkpoint_every=0)
 
 
-def attack_examples(task, cfg: AttackConfig, seed: int):
-    """The attacker's data, shuffled with the seed. With one example per row (padded tasks)
-    the attack sees at most steps x batch_size examples, so only those are kept (and
+def attack_examples(task, cfg: AttackConfig, seed: int, forget=None):
+    """The attacker's data, shuffled with the seed: `forget` (default: the task's forget
+    training examples), mixed with retain examples if asked. With one example per row (padded
+    tasks) the attack sees at most steps x batch_size examples, so only those are kept (and
     tokenized): the same random sample of the data, without tokenizing tens of thousands."""
-    forget = task.train_examples("forget")
+    forget = task.train_examples("forget") if forget is None else forget
     if cfg.data == "forget":
         examples = list(forget)
     else:
@@ -91,12 +94,20 @@ class Relearn(Attack):
         return options
 
     def run(self, exp, model_dir: Path, point: dict[str, Any], seed: int, desc: str) -> dict[str, Any]:
-        cfg, lr = self.options, point["lr"]
+        cfg = self.options
         task = build_task(exp.task, exp.seed)
         model, tok = load_model(model_dir)
-        rows = task_rows(tok, task, attack_examples(task, cfg, seed), cfg.seq_len)
-        stream = BatchStream(rows, cfg.batch_size, seed=seed + 11, bucket=task.row_format() == "padded")
-        result = train(model, lm_loss, {"train": stream}, cfg.train_config(lr), seed=seed,
-                       evaluate=lambda m: task.evaluate(m, tok, quick=cfg.quick_eval), desc=desc)
-        return {"lr": lr, "curve": result.history, "flops": result.flops, "wall_seconds": result.wall_seconds,
-                "config": to_dict(cfg)}
+        return finetune(task, model, tok, attack_examples(task, cfg, seed), cfg, point["lr"], seed, desc,
+                        lambda m: task.evaluate(m, tok, quick=cfg.quick_eval))
+
+
+def finetune(task, model: torch.nn.Module, tok, examples, cfg: AttackConfig, lr: float, seed: int, desc: str,
+             evaluate) -> dict[str, Any]:
+    """Train `model` (or its adapters: whatever requires grad) on `examples` at `lr`, calling
+    `evaluate(model)` every `cfg.eval_every` steps; the attack's sidecar. Shared by the
+    finetuning attacks (relearn, relearn_lora, heldout_relearn)."""
+    rows = task_rows(tok, task, examples, cfg.seq_len)
+    stream = BatchStream(rows, cfg.batch_size, seed=seed + 11, bucket=task.row_format() == "padded")
+    result = train(model, lm_loss, {"train": stream}, cfg.train_config(lr), seed=seed, evaluate=evaluate, desc=desc)
+    return {"lr": lr, "curve": result.history, "flops": result.flops, "wall_seconds": result.wall_seconds,
+            "config": to_dict(cfg)}

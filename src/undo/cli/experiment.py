@@ -10,12 +10,27 @@ from ..errors import UndoError
 from .common import add_config_args, run_dir_for
 
 
+def seed_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, with `--seeds N` as seeds=[0, ..., N-1] after them (it wins)."""
+    if args.seeds is None:
+        return list(args.overrides)
+    if args.seeds < 1:
+        raise UndoError(f"--seeds {args.seeds}: give the number of graph seeds, at least 1 (--seeds 3 = seeds 0, 1, 2)")
+    return [*args.overrides, f"seeds=[{', '.join(str(s) for s in range(args.seeds))}]"]
+
+
+def add_seeds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="replicate the whole graph over seeds 0..N-1 (= --set seeds=[0,...,N-1]); the report "
+                        "shows means with spreads")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..engine.executors import RayOptions
     from ..engine.run import run_experiment
     from ..experiment import load_experiment
 
-    exp = load_experiment(args.config, args.overrides)
+    exp = load_experiment(args.config, seed_overrides(args))
     ray = RayOptions(address=args.address, num_cpus=args.num_cpus, gpus_per_stage=args.gpus_per_stage)
     run_experiment(exp, run_dir_for(args, exp.name), executor=args.executor, ray_options=ray)
     return 0
@@ -26,7 +41,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..engine.plan import plan_json, plan_text
     from ..experiment import load_experiment
 
-    exp = load_experiment(args.config, args.overrides)
+    exp = load_experiment(args.config, seed_overrides(args))
     graph = build_graph(exp)
     run_dir = run_dir_for(args, exp.name)
     print(plan_json(graph, run_dir) if args.json else plan_text(graph, run_dir))
@@ -59,7 +74,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..stages.evaluate import evaluate_model
     from .common import external_artifact
 
-    exp = load_experiment(args.config, args.overrides)
+    if args.harness:
+        return cmd_eval_harness(args)
+    if args.limit is not None or args.include_path:
+        raise UndoError("--limit and --include-path go with --harness; the experiment's task takes "
+                        "--set task.options.eval_limit=N where it has one")
+    if not args.model:
+        raise UndoError("undo eval: give the checkpoint with --model DIR (or lm-eval tasks with --harness TASKS DIR)")
+    exp = load_experiment(args.config or "arithmetic", args.overrides)
     metrics = evaluate_model(str(external_artifact(args.model).model_dir), exp)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -67,6 +89,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
         width = max(len(k) for k in metrics)
         for k, v in metrics.items():
             print(f"{k:{width}s}  {v:.4f}")
+    return 0
+
+
+def harness_args(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The lm-eval task names and the checkpoint of `undo eval --harness`, checked."""
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    if not tasks:
+        raise UndoError("--harness: give lm-eval task names, comma-separated, e.g. --harness wmdp_bio,mmlu")
+    if args.model and args.config:
+        raise UndoError("undo eval --harness: give the model once, as DIR or --model DIR (no experiment config)")
+    if args.overrides:
+        raise UndoError("undo eval --harness: --set applies to the experiment's task, not to lm-eval tasks")
+    for name in ("limit", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UndoError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return tasks, args.model or args.config
+
+
+def cmd_eval_harness(args: argparse.Namespace) -> int:
+    """`undo eval --harness TASKS [--limit N] DIR`: lm-evaluation-harness on a checkpoint."""
+    from ..harness import import_lm_eval, run_harness
+    from .common import external_artifact
+
+    tasks, model = harness_args(args)
+    import_lm_eval()
+    if not model:
+        raise UndoError("undo eval --harness TASKS DIR: give the checkpoint directory (or a run's stage directory)")
+    results = run_harness(str(external_artifact(model).model_dir), tasks, args.limit, args.include_path,
+                          args.batch_size, args.device)
+    if args.json:
+        print(json.dumps(results["results"], indent=2, default=str))
+        return 0
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
     return 0
 
 
@@ -118,6 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a whole experiment: its stage graph (pretrain, unlearn, UNDO, attacks), "
                                    "then the report")
     add_config_args(p)
+    add_seeds_arg(p)
     p.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
                    help="where stages run: in this process, in order (default), or on Ray, independent stages "
                         "side by side (pip install -e '.[ray]')")
@@ -129,6 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="print the experiment's stage graph: inputs, cache keys, done or not, "
                                     "estimated FLOPs and time")
     add_config_args(p)
+    add_seeds_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -137,10 +198,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", default="all", help="a starting model's name (base, oracle, ...) or all")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="evaluate any checkpoint on the experiment's task")
-    p.add_argument("--model", required=True, help="checkpoint directory (HF format) or a run's stage directory")
+    p = sub.add_parser("eval", help="evaluate any checkpoint on the experiment's task, or on lm-eval tasks (--harness)",
+                       description="undo eval --model DIR [CONFIG]: the experiment's task metrics. "
+                                   "undo eval --harness TASKS [--limit N] DIR: lm-evaluation-harness tasks "
+                                   "(pip install -e '.[lmeval]'), offline.")
+    p.add_argument("--model", default=None, help="checkpoint directory (HF format) or a run's stage directory")
     add_config_args(p)
+    p.set_defaults(config=None)  # with --harness the positional is the model
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    p.add_argument("--harness", metavar="TASKS", default=None,
+                   help="run lm-evaluation-harness instead: comma-separated task names (e.g. wmdp_bio,mmlu) "
+                        "on the model given as the positional or --model")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="--harness: the first N documents of each task")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="--harness: a directory of extra lm-eval task YAMLs")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="--harness: lm-eval batch size (default 8)")
+    p.add_argument("--device", default=None, help="--harness: cuda, cuda:1, cpu, ... (default: cuda if available)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="write the HTML report of a finished run")

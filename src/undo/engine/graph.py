@@ -12,7 +12,8 @@ comes before its reader), per seed:
 
 Every node's cache key hashes its kind, the stage's version, the package version, its
 own settings, its seed and its inputs' keys, so keys are known before anything runs
-(`undo plan`) and a change anywhere upstream reaches every stage downstream.
+(`undo plan`) and a change anywhere upstream reaches every stage downstream. Starting
+models carry the task's version, so a task whose metrics change meaning reruns everything.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..stages import STAGES
 from ..stages import attack as attack_stage
 from ..stages.base import StageNode
 from ..stages.unlearn import train_config
+from ..tasks import task_class
 from ..training import TrainConfig
 
 ORACLE_MATCHING_METHODS = ("oracle_matching",)  # recipes recorded as oracle matching, not as methods
@@ -78,13 +80,15 @@ def _add_start_models(graph: Graph, exp: ExperimentConfig, seed: int) -> dict[st
         record = name if name in ("base", "oracle") else "start"
         if spec.path:
             source = ModelDir(spec.path)
-            params = {"path": spec.path, "task": to_dict(exp.task)}
+            params = {"path": spec.path, "task": to_dict(exp.task), "data": spec.data,
+                      "task_version": task_class(exp.task.name).version, "quality_gate": to_dict(exp.quality_gate)}
             node = StageNode(f"seed{seed}/{name}", "checkpoint", name, seed, params, record=record)
             starts[name] = graph.add(node, {"files": source_key(source)})
             continue
         train = to_dict(from_dict(TrainConfig, {**to_dict(exp.pretrain), **spec.train}, f"models.{name}.train"))
         params = {"data": spec.data, "train": train, "task": to_dict(exp.task), "model": to_dict(exp.model),
-                  "tokenizer": to_dict(exp.tokenizer)}
+                  "tokenizer": to_dict(exp.tokenizer), "task_version": task_class(exp.task.name).version,
+                  "quality_gate": to_dict(exp.quality_gate)}
         starts[name] = graph.add(StageNode(f"seed{seed}/{name}", "pretrain", name, seed, params, record=record))
     return starts
 
@@ -102,7 +106,8 @@ def unlearn_params(exp: ExperimentConfig, recipe: Recipe) -> tuple[dict[str, Any
 def distill_params(exp: ExperimentConfig, student: str, alpha: float, steps: int) -> dict[str, Any]:
     cfg = exp.undo
     return {"beta": cfg.beta, "temperature": cfg.temperature, "data": cfg.data, "stop_rule": cfg.stop_rule,
-            "stop_tolerance": cfg.stop_tolerance, "task": to_dict(exp.task), "student": student, "alpha": alpha,
+            "stop_tolerance": cfg.stop_tolerance, "stop_at_recovery": cfg.stop_at_recovery,
+            "task": to_dict(exp.task), "student": student, "alpha": alpha,
             "train": to_dict(dataclasses.replace(cfg.distill, steps=steps))}
 
 
@@ -140,10 +145,11 @@ def _add_aux(graph: Graph, exp: ExperimentConfig, seed: int, name: str, spec: An
 
 
 def _select_node(graph: Graph, seed: int, node_id: str, name: str, candidates: list[StageNode], start: StageNode,
-                 tolerance: float, what: str, record: Optional[str]) -> StageNode:
+                 tolerance: float, what: str, record: Optional[str], compute: str) -> StageNode:
+    """`compute`: the candidates whose compute the choice inherits, "all" (a sweep) or "chosen"."""
     inputs = {f"c:{c.name}": c.id for c in candidates}
     inputs["start"] = start.id
-    params = {"tolerance": tolerance, "what": what}
+    params = {"tolerance": tolerance, "what": what, "compute": compute}
     return graph.add(StageNode(node_id, "select", name, seed, params, inputs, record=record))
 
 
@@ -160,7 +166,7 @@ def _add_recipes(graph: Graph, exp: ExperimentConfig, seed: int,
         nodes = [_unlearn_node(graph, exp, seed, point, starts, "sweep") for point in points]
         out[recipe.label] = _select_node(graph, seed, f"seed{seed}/unlearn/{recipe.label}", recipe.label, nodes,
                                          starts[recipe.start], exp.unlearn.retain_tolerance,
-                                         f"sweep winner of {recipe.label}", record)
+                                         f"sweep winner of {recipe.label}", record, "all")
     return out
 
 
@@ -175,7 +181,7 @@ def _undo_teachers(exp: ExperimentConfig, seed: int, graph: Graph, starts: dict[
     if after == "auto":
         start = starts["base"]
         return [_select_node(graph, seed, f"seed{seed}/select/undo_teacher", "undo_teacher", list(methods.values()),
-                             start, exp.unlearn.retain_tolerance, "UNDO teacher", None)]
+                             start, exp.unlearn.retain_tolerance, "UNDO teacher", None, "chosen")]
     unknown = [n for n in after if n not in recipes]
     if unknown:
         raise UndoError(f"undo.after: no recipe named {', '.join(unknown)}; recipes: {', '.join(recipes)}")

@@ -69,11 +69,24 @@ def prepare_resume_dir(art: Artifact, key: str) -> tuple[Path, float]:
     return resume, spent
 
 
-def lineage_flops(node: StageNode, sidecar: dict[str, Any], inputs: dict[str, Artifact | ModelDir]) -> float:
-    """Compute from scratch: the stage's own FLOPs plus those of the model it continues."""
-    role = sidecar.get("lineage") or LINEAGE.get(node.kind)
-    parent = (inputs[role].result() or {}) if role in inputs else {}
-    return float(sidecar.get("flops", 0.0)) + float(parent.get("flops_total", parent.get("flops", 0.0)))
+def lineage_roles(kind: str, sidecar: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """The input roles whose compute the output inherits (`stages.LINEAGE`, or the sidecar's own)."""
+    declared = sidecar.get("lineage") or LINEAGE.get(kind, ())
+    declared = [declared] if isinstance(declared, str) else list(declared)
+    return [role for role in inputs if any(role == d or (d.endswith(":") and role.startswith(d)) for d in declared)]
+
+
+def flops_ancestry(node: StageNode, sidecar: dict[str, Any], inputs: dict[str, Artifact | ModelDir]) -> dict[str, float]:
+    """The own FLOPs of every stage the output depends on, by stage id, this one included. A set,
+    not a sum along paths: a stage reached twice (the base under a student and its teacher) counts
+    once. An input without an ancestry (a checkpoint from elsewhere) counts its flops_total."""
+    out: dict[str, float] = {}
+    for role in lineage_roles(node.kind, sidecar, inputs):
+        parent = inputs[role].result() or {}
+        total = float(parent.get("flops_total", parent.get("flops", 0.0)))
+        out.update(parent.get("flops_ancestry") or {str(node.inputs.get(role, role)): total})
+    out[node.id] = float(sidecar.get("flops", 0.0))
+    return out
 
 
 def run_stage(node: StageNode, exp: Any, run_dir: Path, inputs: dict[str, Artifact | ModelDir],
@@ -120,7 +133,8 @@ def _run_and_write(node: StageNode, exp: Any, art: Artifact, inputs: dict[str, A
                "params": node.params, "inputs": {role: src for role, src in node.inputs.items()},
                "task": node.params.get("task", out.sidecar.get("task")),
                "stage_seconds": spent + time.time() - t0}
-    sidecar["flops_total"] = lineage_flops(node, sidecar, inputs)
+    sidecar["flops_ancestry"] = flops_ancestry(node, sidecar, inputs)
+    sidecar["flops_total"] = sum(sidecar["flops_ancestry"].values())  # compute from scratch
     try:
         art.write(node.key, sidecar, model=out.model, tokenizer=out.tokenizer, state_dict=out.state_dict, force=force)
     except UndoError:  # the artifact could not be written (disk full): its resume points, if any, stay
@@ -140,14 +154,17 @@ def record(store: ResultStore, node: StageNode, result: dict[str, Any], cached: 
     if node.kind == "attack":
         p = node.params
         for point in result["curve"]:
-            store.record_attack(node.name, float(p["point"]["lr"]), point["step"],
+            store.record_attack(node.name, p["point"], point["step"],
                                 {k: v for k, v in point.items() if k != "step"}, seed=node.seed,
                                 attack=p["attack"], attack_seed=p["attack_seed"], key=node.key)
         return
     if not node.record:
         return
-    meta = {k: result[k] for k in ("method", "alpha", "steps", "recovered", "chosen", "flops_total") if k in result}
+    meta = {k: result[k] for k in ("method", "alpha", "steps", "recovered", "recovered_step", "recovered_flops",
+                                   "chosen", "flops_total") if k in result}
     if node.kind == "distill":
         meta["teacher"] = Path(result["teacher"]).parent.name if result.get("teacher") else None
-    store.record_model(node.name, node.record, result.get("metrics", {}), result.get("flops", 0.0),
+    # a selection's own stage costs nothing; its row shows the compute of what it chose from
+    flops = result.get("record_flops", result.get("flops", 0.0))
+    store.record_model(node.name, node.record, result.get("metrics", {}), flops,
                        result.get("wall_seconds", 0.0), meta, seed=node.seed, key=node.key)

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-
+from collections.abc import Sequence
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ..config import from_dict
@@ -150,12 +151,14 @@ class Method(abc.ABC):
     def loss(self, model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:
         """The method's loss on one step's batches ({"forget": ..., "retain": ...})."""
 
-    def with_retain(self, model: torch.nn.Module, batches: dict[str, Batch], out: LossOutput) -> LossOutput:
-        """`out` plus the options' retain term: retain_weight * (CE or KL to the reference) on retain data."""
+    def with_retain(self, model: torch.nn.Module, batches: dict[str, Batch], out: LossOutput,
+                    retain_logits: Optional[torch.Tensor] = None) -> LossOutput:
+        """`out` plus the options' retain term: retain_weight * (CE or KL to the reference) on retain
+        data (`retain_logits`: the model's on the retain batch, if the method has them already)."""
         o = self.options
         if not o.retain_weight:
             return out
-        retain, logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference)
+        retain, logs, flops = retain_term(o.retain_loss, model, batches["retain"], self.reference, retain_logits)
         return LossOutput(out.loss + o.retain_weight * retain, {**out.logs, **logs}, out.extra_flops + flops)
 
 
@@ -193,6 +196,42 @@ def logits_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+# One forward for several batches (forget + retain, ...) by device kind. On an accelerator one
+# launch of a bigger batch beats several small ones; on CPU the gain is ~1% of a step, and
+# the weight gradients' float summation order (hence every cached CPU result) would change.
+JOINT_FORWARD = {"cpu": False}
+MAX_JOINT_PADDING = 0.25  # join only when right-padding to a common width adds at most this share
+
+
+def logits_of_each(model: torch.nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """`logits_of` of each batch. Where JOINT_FORWARD allows (and the widths are close), in one
+    forward over all their rows, the narrower batches right-padded to the widest; each batch
+    gets its own rows and width back. Exact: under causal attention a real position sees
+    neither the other rows nor the padding after it. Only float summation order differs
+    (weight gradients summed over all rows at once), as between two batch sizes."""
+    widths = [b["input_ids"].shape[1] for b in batches]
+    width, rows = max(widths), [b["input_ids"].shape[0] for b in batches]
+    tokens = sum(n * w for n, w in zip(rows, widths))
+    device = batches[0]["input_ids"].device
+    if (len(batches) < 2 or not JOINT_FORWARD.get(device.type, True)
+            or width * sum(rows) > (1 + MAX_JOINT_PADDING) * tokens):
+        return [logits_of(model, b) for b in batches]
+    ids = torch.cat([F.pad(b["input_ids"], (0, width - w)) for b, w in zip(batches, widths)])
+    mask = torch.cat([F.pad(b["attention_mask"], (0, width - w)) for b, w in zip(batches, widths)])
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return [part[:, :w] for part, w in zip(logits.split(rows), widths)]
+
+
+def forget_and_retain_logits(method: "Method", model: torch.nn.Module,
+                             batches: dict[str, Batch]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The model's logits on the forget batch and, when the options' retain term uses them
+    (retain_weight > 0), on the retain batch, in one forward where `logits_of_each` joins them."""
+    if not getattr(method.options, "retain_weight", 0):
+        return logits_of(model, batches["forget"]), None
+    forget_logits, retain_logits = logits_of_each(model, [batches["forget"], batches["retain"]])
+    return forget_logits, retain_logits
+
+
 def ce_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy of `model` on a batch's scored tokens."""
     return masked_ce(logits_of(model, batch), batch["labels"])
@@ -205,12 +244,19 @@ def frozen_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, f
     return logits, 2.0 * non_embedding_params(model) * batch["input_ids"].numel()
 
 
-def retain_term(kind: RetainLoss, model: torch.nn.Module, batch: Batch,
-                reference: Optional[PreTrainedModel]) -> tuple[torch.Tensor, dict[str, float], float]:
+def frozen_logits_of_each(model: PreTrainedModel, batches: Sequence[Batch]) -> tuple[list[torch.Tensor], float]:
+    """`frozen_logits` of each batch, joined into one forward as `logits_of_each` does."""
+    with torch.no_grad():
+        logits = logits_of_each(model, batches)
+    return logits, 2.0 * non_embedding_params(model) * sum(b["input_ids"].numel() for b in batches)
+
+
+def retain_term(kind: RetainLoss, model: torch.nn.Module, batch: Batch, reference: Optional[PreTrainedModel],
+                logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float], float]:
     """The retain loss most methods add: "nll" = CE on retain data; "kl" = KL(p_ref || p)
-    on the retain batch's scored positions (needs the reference). One forward per model.
-    Returns (loss, logs, extra_flops)."""
-    logits = logits_of(model, batch)
+    on the retain batch's scored positions (needs the reference). One forward per model
+    (`logits`: the model's, when the method has them already). Returns (loss, logs, extra_flops)."""
+    logits = logits_of(model, batch) if logits is None else logits
     ce = masked_ce(logits, batch["labels"])
     if kind == "nll":
         return ce, {"retain_ce": ce.item()}, 0.0

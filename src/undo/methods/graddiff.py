@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..training import LossOutput
-from .base import Method, RetainLoss, ce_of, check_weights
+from ..metrics import masked_ce
+from .base import Method, RetainLoss, check_weights, forget_and_retain_logits
 
 
 @dataclasses.dataclass
@@ -26,5 +27,6 @@ class GradDiff(Method):
     task_defaults = {"arithmetic": {"retain_weight": 15.0}, "language": {"retain_weight": 1.0}}
 
     def loss(self, model, batches) -> LossOutput:
-        forget_ce = ce_of(model, batches["forget"])
-        return self.with_retain(model, batches, LossOutput(-forget_ce, {"forget_ce": forget_ce.item()}))
+        forget_logits, retain_logits = forget_and_retain_logits(self, model, batches)
+        forget_ce = masked_ce(forget_logits, batches["forget"]["labels"])
+        return self.with_retain(model, batches, LossOutput(-forget_ce, {"forget_ce": forget_ce.item()}), retain_logits)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..losses import sequence_logprob
 from ..tasks.base import Example
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of
+from .base import Method, RetainLoss, check_weights, frozen_logits_of_each, logits_of_each
 
 IDK_ANSWERS = (
     " I don't know.",
@@ -61,11 +61,11 @@ class IdkDPO(Method):
     def loss(self, model, batches) -> LossOutput:
         o = self.options
         win, lose = batches["idk"], batches["forget"]
-        win_logp = sequence_logprob(logits_of(model, win), win["labels"])
-        lose_logp = sequence_logprob(logits_of(model, lose), lose["labels"])
-        win_ref, flops_w = frozen_logits(self.reference, win)
-        lose_ref, flops_l = frozen_logits(self.reference, lose)
+        logits = logits_of_each(model, [win, lose] + ([batches["retain"]] if o.retain_weight else []))
+        win_logp = sequence_logprob(logits[0], win["labels"])
+        lose_logp = sequence_logprob(logits[1], lose["labels"])
+        (win_ref, lose_ref), flops = frozen_logits_of_each(self.reference, [win, lose])
         loss = dpo_loss(win_logp, sequence_logprob(win_ref, win["labels"]),
                         lose_logp, sequence_logprob(lose_ref, lose["labels"]), o.beta)
-        logs, flops = {"dpo": loss.item()}, flops_w + flops_l
-        return self.with_retain(model, batches, LossOutput(loss, logs, flops))
+        logs = {"dpo": loss.item()}
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops), logits[2] if o.retain_weight else None)

@@ -12,7 +12,7 @@ import dataclasses
 from ..losses import scored_positions, uniform_kl
 from ..metrics import masked_ce
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of
+from .base import Method, RetainLoss, check_weights, forget_and_retain_logits
 
 
 @dataclasses.dataclass
@@ -34,9 +34,9 @@ class MaxEnt(Method):
     def loss(self, model, batches) -> LossOutput:
         o = self.options
         forget = batches["forget"]
-        logits = logits_of(model, forget)
+        logits, retain_logits = forget_and_retain_logits(self, model, batches)
         kl_uniform = uniform_kl(logits, scored_positions(forget["labels"]))
         loss = o.forget_weight * kl_uniform
         logs = {"forget_kl_uniform": kl_uniform.item(), "forget_ce": masked_ce(logits.detach(), forget["labels"]).item()}
         flops = 0.0
-        return self.with_retain(model, batches, LossOutput(loss, logs, flops))
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops), retain_logits)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import sequence_logprob
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, frozen_logits, logits_of
+from .base import Method, RetainLoss, check_weights, forget_and_retain_logits, frozen_logits
 
 
 @dataclasses.dataclass
@@ -38,9 +38,10 @@ class NPO(Method):
     def loss(self, model, batches) -> LossOutput:
         o = self.options
         forget = batches["forget"]
-        logp = sequence_logprob(logits_of(model, forget), forget["labels"])
+        forget_logits, retain_logits = forget_and_retain_logits(self, model, batches)
+        logp = sequence_logprob(forget_logits, forget["labels"])
         ref_logits, flops = frozen_logits(self.reference, forget)
         ref_logp = sequence_logprob(ref_logits, forget["labels"])
         loss = npo_loss(logp, ref_logp, o.beta)
         logs = {"npo": loss.item(), "forget_logratio": (logp - ref_logp).mean().item()}
-        return self.with_retain(model, batches, LossOutput(loss, logs, flops))
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops), retain_logits)

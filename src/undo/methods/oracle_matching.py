@@ -1,6 +1,7 @@
 """Oracle matching: finetune the base model to imitate the oracle's outputs.
 
-L = forward KL(p_oracle || p) on every real (non-pad) token of forget and retain data.
+L = forward KL(p_oracle || p) at every position that predicts a real (non-pad) token of forget
+and retain data.
 The paper's claim 1: this makes the base behave like the oracle, yet it relearns the
 forget capability far faster than the oracle does. The teacher is the oracle model
 (`undo unlearn --teacher PATH`)."""
@@ -12,9 +13,9 @@ import dataclasses
 import torch
 
 from ..errors import UndoError
-from ..losses import forward_kl
+from ..losses import forward_kl, next_token_positions
 from ..training import LossOutput
-from .base import Method, check_weights, frozen_logits, logits_of
+from .base import Method, check_weights, frozen_logits_of_each, logits_of_each
 
 
 @dataclasses.dataclass
@@ -45,12 +46,13 @@ class OracleMatching(Method):
 
     def loss(self, model, batches) -> LossOutput:
         o = self.options
-        loss, logs, flops = torch.zeros(()), {}, 0.0
-        for domain, weight in (("forget", o.forget_weight), ("retain", o.retain_weight)):
-            batch = batches[domain]
-            teacher_logits, teacher_flops = frozen_logits(self.teacher, batch)
-            kl = forward_kl(teacher_logits, logits_of(model, batch), batch["attention_mask"].bool(), o.temperature)
+        loss, logs = torch.zeros(()), {}
+        domains = [("forget", o.forget_weight), ("retain", o.retain_weight)]
+        teacher_logits, flops = frozen_logits_of_each(self.teacher, [batches[d] for d, _ in domains])
+        student_logits = logits_of_each(model, [batches[d] for d, _ in domains])
+        for (domain, weight), t_logits, s_logits in zip(domains, teacher_logits, student_logits):
+            positions = next_token_positions(batches[domain]["attention_mask"])  # as distillation: not past a row's end
+            kl = forward_kl(t_logits, s_logits, positions, o.temperature)
             loss = loss.to(kl.device) + weight * kl
             logs[f"{domain}_kl"] = kl.item()
-            flops += teacher_flops
         return LossOutput(loss, logs, flops)

@@ -12,6 +12,8 @@ L = CE(retain) + b * MMD(forget MLP activations, Gaussian noise) - a * log(mean 
 - The noise comes from torch's global generator, which train() seeds and checkpoints,
   so runs are reproducible and resume exactly.
 Defaults a = 1, b = 1e-3 (RepNoise's); the UNDO paper grids (a, b) from (0.1, 1e-4) to (4, 4).
+Compute: beyond the loop's 6 x params x tokens, the read-outs and the MMD Gram matrices are
+counted (`extra_flops`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def run_with_activations(model: torch.nn.Module, batch: dict[str, torch.Tensor])
     return logits, layer_out, mlp_out
 
 
+def extra_flops(head_params: int, forget_tokens: int, layers: int, mlp_out: list[torch.Tensor]) -> float:
+    """FLOPs that 6 x params x tokens misses, forward + backward at 6 per parameter-token as there:
+    the LM head read-out of every layer but the last (whose logits the model computes anyway), and
+    each layer's MMD Gram matrix over the 2B flattened activation vectors of length T x hidden."""
+    read_outs = 6.0 * head_params * forget_tokens * (layers - 1)
+    gram = sum(6.0 * (2 * act.shape[0]) ** 2 * act[0].numel() for act in mlp_out)
+    return read_outs + gram
+
+
 class RepNoise(Method):
     name = "repnoise"
     description = "retain CE + b * MMD(forget activations, noise) - a * log(forget CE across layers + 1)"
@@ -89,5 +100,6 @@ class RepNoise(Method):
 
         retain_ce = masked_ce(logits_of(model, batches["retain"]), batches["retain"]["labels"])
         loss = retain_ce + o.beta * mmd - o.alpha * torch.log(forget_ce + 1)
+        extra = extra_flops(head.weight.numel(), forget["input_ids"].numel(), len(layer_out), mlp_out)
         return LossOutput(loss, {"retain_ce": retain_ce.item(), "forget_ce": layer_ces[-1].item(),
-                                 "forget_ce_layers": forget_ce.item(), "mmd": mmd.item()})
+                                 "forget_ce_layers": forget_ce.item(), "mmd": mmd.item()}, extra_flops=extra)

@@ -102,12 +102,16 @@ class SAM(Method):
         self._tokens = sum(b["input_ids"].numel() for b in batches.values())
         return self.base.loss(model, batches)
 
+    def pass_flops(self, out: LossOutput) -> float:
+        return out.train_flops if out.train_flops is not None else 6.0 * self._n_params * self._tokens
+
     def step_hook(self):
         def hook(model, optimizer, closure) -> LossOutput:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             first, second = sam_step(model, params, closure, self.options.rho)
-            # train() counts one forward+backward; the second one is ours to report
-            extra = first.extra_flops + second.extra_flops + 6.0 * self._n_params * self._tokens
+            # Two forward+backward passes, each at the base method's cost (its own train_flops
+            # when it declares one, e.g. RMU's truncated pass; else 6 x params x tokens).
+            passes = sum(self.pass_flops(out) for out in (first, second))
             logs = {**first.logs, "sam_loss": second.loss.item()}
-            return LossOutput(first.loss, logs, extra)
+            return LossOutput(first.loss, logs, first.extra_flops + second.extra_flops, train_flops=passes)
         return hook

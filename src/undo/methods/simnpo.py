@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses import scored_token_counts, sequence_logprob
 from ..training import LossOutput
-from .base import Method, RetainLoss, check_weights, logits_of
+from .base import Method, RetainLoss, check_weights, forget_and_retain_logits
 
 
 @dataclasses.dataclass
@@ -35,7 +35,8 @@ class SimNPO(Method):
     def loss(self, model, batches) -> LossOutput:
         o = self.options
         forget = batches["forget"]
-        mean_nll = -sequence_logprob(logits_of(model, forget), forget["labels"]) / scored_token_counts(forget["labels"])
+        forget_logits, retain_logits = forget_and_retain_logits(self, model, batches)
+        mean_nll = -sequence_logprob(forget_logits, forget["labels"]) / scored_token_counts(forget["labels"])
         simnpo = -(2.0 / o.beta) * F.logsigmoid(o.beta * (mean_nll - o.delta)).mean()
         loss, logs, flops = o.forget_weight * simnpo, {"simnpo": simnpo.item(), "forget_ce": mean_nll.mean().item()}, 0.0
-        return self.with_retain(model, batches, LossOutput(loss, logs, flops))
+        return self.with_retain(model, batches, LossOutput(loss, logs, flops), retain_logits)

@@ -22,7 +22,10 @@ STAGES: dict[str, tuple[Callable[[StageContext], StageOutput], int]] = {
     "attack": (attack.run, attack.VERSION),
 }
 
-# The input whose cumulative compute a stage's output inherits (its "lineage").
-LINEAGE = {"unlearn": "model", "aux": "model", "noise": "model", "distill": "teacher"}
+# The inputs whose cumulative compute a stage's output inherits (its "lineage"): the model it
+# continues and every model it needed (a teacher, auxiliary models: a role ending in ":" stands
+# for every input of that prefix). A selection names its own in its sidecar ("lineage").
+LINEAGE = {"unlearn": ("model", "teacher", "aux:"), "aux": ("model",), "noise": ("model",),
+           "distill": ("teacher", "student")}
 
 __all__ = ["LINEAGE", "STAGES", "StageContext", "StageNode", "StageOutput"]

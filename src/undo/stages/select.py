@@ -4,6 +4,10 @@ Used for a sweep's winner and for UNDO's teacher (`undo.after: auto`). The rule:
 strongest forgetting among the candidates whose retain metric stays within `tolerance`
 (relative) of their starting model's. The artifact is a sidecar that points to the winner
 (`model_path`), with the winner's metrics, so later stages read it like any model.
+
+Compute (param `compute`): a sweep's winner could only be chosen after every point ran, so it
+inherits the compute of all candidates ("all"); UNDO's teacher choice inherits the winner's
+only ("chosen"): the other methods are models of their own, reported with their own compute.
 """
 
 from __future__ import annotations
@@ -60,7 +64,11 @@ def run(ctx: StageContext) -> StageOutput:
     ctx.say(f"{ctx.params['what']}: {chosen}")
     winner = results[chosen]
     keep = ("method", "metrics", "metrics_before", "flops", "flops_total", "steps", "wall_seconds", "train", "options")
-    return StageOutput({**{k: winner[k] for k in keep if k in winner}, "chosen": chosen, "lineage": f"c:{chosen}",
+    paid = list(results) if ctx.params.get("compute", "chosen") == "all" else [chosen]
+    return StageOutput({**{k: winner[k] for k in keep if k in winner}, "chosen": chosen,
+                        "lineage": [f"c:{n}" for n in paid],
+                        "record_flops": sum(float(results[n].get("record_flops", results[n].get("flops", 0.0)))
+                                            for n in paid),
                         "chosen_stage": ctx.node.inputs[f"c:{chosen}"],
                         "model_path": str(candidates[chosen].model_dir), "flops": 0.0,
                         "candidates": {n: {"forget": r["metrics"][task.forget_metric],

@@ -6,7 +6,11 @@ noise:   on a copy of the unlearned model, theta <- (1 - alpha) * theta + alpha 
 distill: forward KL(teacher || student) on every non-pad token of the unlabelled training
          mixture (forget domain included: no labels needed), teacher logits computed once per
          batch under no_grad, until the student's retain metric is back within a tolerance of
-         the teacher's, or a fixed step budget.
+         the teacher's, or a fixed step budget. The stop rule's tolerance is absolute for an
+         accuracy-like retain metric and relative for a cross-entropy-like one (`stop_rule: auto`;
+         the paper: accuracy within 0.05, CE within 5%). The first step at which the rule held
+         is recorded (`recovered_step`, with the FLOPs spent up to it), also when training runs
+         on to its budget (`stop_at_recovery: false`); `recovered` means that step exists.
 The student is the noised copy (UNDO), a randomly initialised model (Unlearn-and-Distill),
 or any model given (e.g. the base model with the oracle as teacher).
 """
@@ -17,6 +21,7 @@ import copy
 import math
 import random
 import time
+from typing import Any, Optional
 
 import torch
 from transformers import PreTrainedModel
@@ -30,7 +35,7 @@ from ..training import LossOutput, TrainConfig, make_accelerator, train
 from .base import StageContext, StageOutput
 
 NOISE_VERSION = 1
-DISTILL_VERSION = 2  # 2: the KL no longer counts each row's last real position (a prediction past the text)
+DISTILL_VERSION = 3  # 3: recovered = the stop rule held at some evaluation (recovered_step, recovered_flops); rule auto
 
 
 def xavier_uniform_like(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -70,6 +75,35 @@ def distill_loss_fn(teacher: PreTrainedModel, temperature: float):
         return LossOutput(loss, {"kl": loss.item()}, extra_flops=2.0 * teacher_params * tokens)
 
     return loss_fn
+
+
+def stop_rule_for(rule: str, higher_is_better: bool) -> str:
+    """What `auto` stands for: an accuracy-like metric (higher is better, bounded) recovers within an
+    absolute tolerance; a cross-entropy-like one, whose scale depends on the task, within a relative one."""
+    if rule != "auto":
+        return rule
+    return "absolute" if higher_is_better else "relative"
+
+
+def stop_metric(task: Any, teacher_quick: dict[str, float]) -> tuple[str, bool]:
+    """The retain metric the stop rule checks and whether higher is better: the task's own, or its
+    accuracy when the quick evaluation has no cross-entropy."""
+    if task.retain_metric in teacher_quick:
+        return task.retain_metric, task.higher_is_better
+    fallback = task.retain_metric.replace("_ce", "_acc")
+    if fallback not in teacher_quick:
+        raise UndoError(f"the task's quick evaluation has neither {task.retain_metric} nor {fallback}; "
+                        f"the distillation's stop rule needs one of them")
+    return fallback, True
+
+
+def recovered_at(history: list[dict[str, Any]], eval_flops: list[float], check: Any,
+                 key: str) -> tuple[Optional[int], Optional[float]]:
+    """The first evaluated step at which the stop rule held, and the FLOPs spent up to it (None, None: never)."""
+    for i, entry in enumerate(history):
+        if key in entry and check(entry, key):
+            return int(entry["step"]), (eval_flops[i] if i < len(eval_flops) else None)
+    return None, None
 
 
 def retain_recovered(rule: str, tolerance: float, higher_is_better: bool, teacher_value: float):
@@ -128,25 +162,30 @@ def distill_run(ctx: StageContext) -> StageOutput:
     model.to(acc.device).train()
     stream = distill_stream(ctx, tok, cfg)
     teacher_quick = task.evaluate(teacher, tok, quick=True)
-    key_metric = task.retain_metric if task.retain_metric in teacher_quick else task.retain_metric.replace("_ce", "_acc")
-    recovered = retain_recovered(p["stop_rule"], p["stop_tolerance"], task.higher_is_better, teacher_quick[key_metric])
-    within = f"{p['stop_tolerance'] * 100:g}%" if p["stop_rule"] == "relative" else f"{p['stop_tolerance']:g}"
+    key_metric, higher = stop_metric(task, teacher_quick)
+    rule, stop = stop_rule_for(p["stop_rule"], higher), p.get("stop_at_recovery", True)
+    recovered = retain_recovered(rule, p["stop_tolerance"], higher, teacher_quick[key_metric])
+    within = f"{p['stop_tolerance'] * 100:g}%" if rule == "relative" else f"{p['stop_tolerance']:g}"
     alpha = f" (alpha={p['alpha']:g})" if p["student"] == "noised" else ""
     ctx.say(f"{name}: distilling into a {p['student']} student{alpha} for up to {cfg.steps} steps; "
-            f"stop when {key_metric} is within {within} of the teacher's {teacher_quick[key_metric]:.3f}")
+            f"{'stop' if stop else 'record the step'} when {key_metric} is within {within} of the teacher's "
+            f"{teacher_quick[key_metric]:.3f}")
     result = train(model, distill_loss_fn(teacher, p["temperature"]), {"train": stream}, cfg, seed=ctx.exp.seed,
                    resume_dir=ctx.resume_dir, evaluate=lambda m: task.evaluate(m, tok, quick=True),
-                   should_stop=lambda m: recovered(m, key_metric), desc=name, accelerator=acc)
+                   should_stop=(lambda m: recovered(m, key_metric)) if stop else None, desc=name, accelerator=acc)
+    recovered_step, recovered_flops = recovered_at(result.history, result.eval_flops, recovered, key_metric)
     model = acc.unwrap_model(model)
     t0 = time.time()
     metrics = task.evaluate(model, tok)
     ctx.say(f"{name}: {result.steps} steps in {result.wall_seconds:.0f}s "
-            f"({'recovered' if result.stopped_early else 'budget reached'}); "
+            f"({'never recovered' if recovered_step is None else f'recovered at step {recovered_step}'}); "
             f"{task.retain_metric}={metrics[task.retain_metric]:.3f} {task.forget_metric}={metrics[task.forget_metric]:.3f}")
     return StageOutput({
         "teacher": str(ctx.inputs["teacher"].model_dir), "student": p["student"], "alpha": p["alpha"],
         "beta": p["beta"], "train": p["train"], "seed": ctx.exp.seed, "metrics": metrics,
         "teacher_quick_metrics": teacher_quick, "history": result.history, "flops": result.flops,
-        "tokens": result.tokens, "steps": result.steps, "recovered": result.stopped_early,
+        "tokens": result.tokens, "steps": result.steps, "recovered": recovered_step is not None,
+        "recovered_step": recovered_step, "recovered_flops": recovered_flops, "stopped_early": result.stopped_early,
+        "stop_rule": rule, "stop_tolerance": p["stop_tolerance"], "stop_metric": key_metric,
         "wall_seconds": result.wall_seconds, "eval_seconds": time.time() - t0, "params": count_params(model),
     }, model=model, tokenizer=tok, state_dict=result.full_state_dict)

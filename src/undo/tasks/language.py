@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Literal, Optional
 
@@ -34,7 +35,7 @@ from ..config import expand_path
 from ..corpora import check_encodes, check_seq_len, read_corpus
 from ..data import pack, tokenize_example
 from ..errors import UndoError
-from ..metrics import model_device, token_logprobs
+from ..metrics import completion_ce, model_device, token_logprobs
 from .base import Domain, Example, Task
 from .language_grammar import HANGUL_BASE, synthetic_languages
 
@@ -242,6 +243,28 @@ SOURCES = {"synthetic": synthetic_texts, "bundled": bundled_texts, "files": file
 # ---------------------------------------------------------------- metrics
 
 
+# Evaluation rows by (tokenizer, seq_len, texts): a run evaluates the same texts every
+# eval_every steps; each value keeps its tokenizer, so an id is never reused while cached.
+_EVAL_ROWS: OrderedDict[tuple, tuple[PreTrainedTokenizerBase, dict[str, torch.Tensor]]] = OrderedDict()
+EVAL_ROWS_CACHED = 8
+
+
+def eval_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int,
+              where: str = "evaluation text") -> dict[str, torch.Tensor]:
+    """`texts` tokenized and packed into rows of `seq_len` (as in training), once per process
+    for the same tokenizer object, texts and seq_len (read-only: do not edit the rows)."""
+    key = (id(tokenizer), seq_len, tuple(texts))
+    if key in _EVAL_ROWS and _EVAL_ROWS[key][0] is tokenizer:
+        _EVAL_ROWS.move_to_end(key)
+        return _EVAL_ROWS[key][1]
+    check_encodes(tokenizer, texts, where)
+    rows = pack([tokenize_example(tokenizer, Example("", t), "all") for t in texts], seq_len, tokenizer.pad_token_id)
+    _EVAL_ROWS[key] = (tokenizer, rows)
+    while len(_EVAL_ROWS) > EVAL_ROWS_CACHED:
+        _EVAL_ROWS.popitem(last=False)
+    return rows
+
+
 @torch.no_grad()
 def text_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                  seq_len: int, batch_size: int = 32, where: str = "evaluation text") -> dict[str, float]:
@@ -250,8 +273,7 @@ def text_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
     if not texts:
         raise UndoError(f"{where}: no documents to evaluate on")
     check_seq_len(model, seq_len, "task.options.eval_seq_len")
-    check_encodes(tokenizer, texts, where)
-    rows = pack([tokenize_example(tokenizer, Example("", t), "all") for t in texts], seq_len, tokenizer.pad_token_id)
+    rows = eval_rows(tokenizer, texts, seq_len, where)
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -294,6 +316,29 @@ class LanguageTask(Task):
 
     def tokenizer_corpus(self) -> list[str]:
         return self._train["retain"] + self._train["forget"]
+
+    # --- for attacks: forget documents and their score, two disjoint halves (fewshot, heldout) ---
+    def forget_items(self, quick: bool = False) -> dict[str, list[Example]]:
+        limit = self.options.quick_eval_documents if quick else None
+        return {"forget": [Example("", text) for text in self._eval["forget"][:limit]]}
+
+    def score_items(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    groups: dict[str, list[Example]]) -> dict[str, float]:
+        """Cross-entropy per token of each document (the completion) after its prompt, one
+        document per row: `forget_ce`, the mean over groups. Unlike `evaluate`'s packed rows, a
+        document sees no other document unless its prompt holds some."""
+        metrics = {f"{group}/ce": completion_ce(model, tokenizer, examples, loss_on="completion",
+                                                batch_size=self.options.eval_batch_size)
+                   for group, examples in groups.items()}
+        metrics["forget_ce"] = sum(metrics.values()) / len(metrics)
+        return metrics
+
+    def forget_halves(self) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+        """The distinct forget training documents in two seeded halves."""
+        docs = sorted(set(self._train["forget"]))
+        random.Random(f"{self.seed}-forget-halves").shuffle(docs)
+        n = len(docs) // 2
+        return ({"forget": [Example("", d) for d in docs[:n]]}, {"forget": [Example("", d) for d in docs[n:]]})
 
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, quick: bool = False) -> dict[str, float]:
         o = self.options
