@@ -306,3 +306,30 @@ def test_a_claimed_stage_runs_once_when_two_workers_want_it(tmp_path, monkeypatc
         w.join()
     assert len(calls) == 1 and len(results) == 2
     assert all(r.is_done(node.key) for r in results)
+
+
+def test_an_attack_that_reads_the_base_gets_it_as_an_input_and_its_run_receives_it(monkeypatch):
+    from undo.attacks.ablate import Ablate
+    from undo.stages import attack as attack_stage
+
+    graph = build_graph(micro(attacks=[{"name": "ablate"}]))
+    attacks = [n for n in graph.nodes.values() if n.kind == "attack"]
+    assert attacks and all(n.inputs["base"] == "seed0/base" for n in attacks)
+    relearn = [n for n in build_graph(micro()).nodes.values() if n.kind == "attack"]
+    assert all("base" not in n.inputs for n in relearn)
+
+    seen = {}
+    monkeypatch.setattr(Ablate, "run", lambda self, exp, model_dir, point, seed, desc, base_dir=None:
+                        seen.setdefault("base_dir", base_dir) and {"curve": [], "flops": 0.0, "wall_seconds": 0.0})
+
+    class Input:
+        def __init__(self, path):
+            self.model_dir = path
+
+    class Ctx:
+        exp, node = micro(), attacks[0]
+        params = attacks[0].params
+        inputs = {"target": Input("/t"), "base": Input("/b")}
+
+    attack_stage.run(Ctx())
+    assert seen["base_dir"] == "/b"

@@ -41,6 +41,7 @@ class Attack(abc.ABC):
     description: ClassVar[str]
     Options: ClassVar[type]
     version: ClassVar[int] = 1          # bump when the attack's semantics change (part of the cache key)
+    reads: ClassVar[tuple[str, ...]] = ()  # starting models it reads besides its target: run() gets <name>_dir
     # The curve metric the report's attack matrix shows for this attack (None: the task's forget
     # metric, read in the task's direction) and, for another metric, whether higher = more recovered.
     matrix_metric: ClassVar[Optional[str]] = None

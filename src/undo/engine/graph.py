@@ -219,4 +219,5 @@ def _add_attacks(graph: Graph, exp: ExperimentConfig, seed: int) -> None:
                 for a_seed in exp.attack_seeds:
                     params = attack_params(exp, attack, spec.name, point, a_seed)
                     node_id = f"seed{seed}/attack/{spec.name}/{target}/{attack.point_label(point)}-as{a_seed}"
-                    graph.add(StageNode(node_id, "attack", target, seed, params, {"target": models[target].id}))
+                    inputs = {"target": models[target].id, **{r: models[r].id for r in attack.reads if r in models}}
+                    graph.add(StageNode(node_id, "attack", target, seed, params, inputs))

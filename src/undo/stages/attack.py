@@ -22,7 +22,8 @@ def run(ctx: StageContext) -> StageOutput:
     p = ctx.params
     attack = build_attack(p["attack"], p["options"])
     desc = f"{p['attack']} {ctx.node.name} {attack.point_label(p['point'])}"
+    extra = {f"{name}_dir": ctx.inputs[name].model_dir for name in attack.reads if name in ctx.inputs}
     sidecar = attack.run(ctx.exp, ctx.inputs["target"].model_dir, p["point"],
-                         attack_seed(ctx.exp.seed, p["attack_seed"]), desc)
+                         attack_seed(ctx.exp.seed, p["attack_seed"]), desc, **extra)
     return StageOutput({"target": ctx.node.name, "attack": p["attack"], "point": p["point"],
                         "attack_seed": p["attack_seed"], **sidecar})
