@@ -110,6 +110,12 @@ def answer(op: str, a: int, b: int) -> int:
     return {"addition": a + b, "subtraction": a - b, "multiplication": a * b, "division": a // b}[op]
 
 
+def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> float:
+    """Share of `examples` whose greedy answer (5 tokens, stripped) is the completion."""
+    outputs = greedy_complete(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=5)
+    return sum(out.strip() == ex.completion.strip() for out, ex in zip(outputs, examples)) / len(examples)
+
+
 def equation(op: str, a: int, b: int) -> Example:
     return Example(f"{a} {SYMBOL[op]} {b} =", f" {answer(op, a, b)}")
 
@@ -230,8 +236,7 @@ class ArithmeticTask(Task):
         """Exact-match accuracy per group and `forget_acc`, their mean (as `evaluate` does)."""
         metrics = {}
         for group, examples in groups.items():
-            outputs = greedy_complete(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=5)
-            metrics[f"{group}/acc"] = sum(o.strip() == ex.completion.strip() for o, ex in zip(outputs, examples)) / len(examples)
+            metrics[f"{group}/acc"] = exact_match(model, tokenizer, examples)
         metrics["forget_acc"] = sum(metrics.values()) / len(metrics)
         return metrics
 
@@ -285,8 +290,7 @@ class ArithmeticTask(Task):
         limit = self.options.quick_eval_per_format if quick else None
         for (op, fmt), examples in self._eval.items():
             examples = examples[:limit]
-            outputs = greedy_complete(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=5)
-            acc = sum(out.strip() == ex.completion.strip() for out, ex in zip(outputs, examples)) / len(examples)
+            acc = exact_match(model, tokenizer, examples)
             metrics[f"{op}/{fmt}/acc"] = acc
             per_domain[self.domain_of(op)].append(acc)
             if not quick:
