@@ -32,7 +32,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.config, seed_overrides(args))
     ray = RayOptions(address=args.address, num_cpus=args.num_cpus, gpus_per_stage=args.gpus_per_stage)
-    run_experiment(exp, run_dir_for(args, exp.name), executor=args.executor, ray_options=ray)
+    run_experiment(exp, run_dir_for(args, exp.name), executor="ray" if args.executor == "ray" else "local",
+                   ray_options=ray, jobs=jobs_for(args))
+    return 0
+
+
+def jobs_for(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..engine.executors import default_jobs
+
+    if args.executor == "inprocess" or (args.jobs is None and distributed.world_size() > 1):
+        return 1
+    if args.jobs is not None and args.jobs < 1:
+        raise UndoError(f"--jobs must be at least 1, got {args.jobs}")
+    return args.jobs if args.jobs is not None else default_jobs()
     return 0
 
 
@@ -178,9 +191,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "then the report")
     add_config_args(p)
     add_seeds_arg(p)
-    p.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
-                   help="where stages run: in this process, in order (default), or on Ray, independent stages "
-                        "side by side (pip install -e '.[ray]')")
+    p.add_argument("--executor", choices=["local", "inprocess", "ray"], default="local",
+                   help="where stages run: on this machine (default; --jobs side by side), or on Ray "
+                        "(pip install -e '.[ray]'); inprocess = local with --jobs 1")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="local: stages side by side in N worker processes (default: the cores, at most 4, on a "
+                        "CPU-only machine; 1 with a GPU or under accelerate launch; 1 = in this process, in order)")
     p.add_argument("--address", default=None, help="Ray: a cluster's HOST:PORT (default: a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="Ray: workers of a local Ray (default: all cores)")
     p.add_argument("--gpus-per-stage", type=float, default=0.0, help="Ray: GPUs each training stage requests")

@@ -1,16 +1,22 @@
-"""Executors run a graph's stages: in this process, in order (the default), or on Ray.
+"""Executors run a graph's stages: in this process, in order; in a pool of local worker
+processes (`--jobs N`: independent stages side by side on one machine); or on Ray.
 
-Both call the same stage helper (`runner.run_stage`), so a stage is cached, claimed,
-written atomically and recorded the same way wherever it runs. The Ray executor submits
-every stage as a task whose arguments include its inputs' tasks, so Ray starts a stage
-as soon as its inputs exist and runs independent stages (methods, sweep points, seeds,
-attack runs) side by side on as many workers as the cluster has.
+All call the same stage helper (`runner.run_stage`), so a stage is cached, claimed,
+written atomically and recorded the same way wherever it runs. The pool starts a stage as
+soon as its inputs exist, the one with the longest chain of work after it first (so the
+UNDO distillations start early and the short attack runs fill the gaps). The Ray executor
+submits every stage as a task whose arguments include its inputs' tasks, so Ray starts a
+stage as soon as its inputs exist and runs independent stages (methods, sweep points,
+seeds, attack runs) side by side on as many workers as the cluster has.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import multiprocessing
 import os
+import queue
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +26,7 @@ from ..log import say
 from ..stages.base import StageNode
 from ..store import ResultStore
 from .graph import Graph, build_graph
-from .runner import run_stage
+from .runner import record, run_stage
 
 TRAINING_KINDS = ("pretrain", "aux", "unlearn", "distill", "attack")
 
@@ -29,12 +35,130 @@ def inputs_of(node: StageNode, run_dir: Path) -> dict[str, Artifact]:
     return {role: Artifact(run_dir, source) for role, source in node.inputs.items()}
 
 
+def _announce(node: StageNode, i: int, total: int) -> None:
+    if node.kind != "attack" or i == total or i % 10 == 0:  # attack runs are many and short
+        say(f"stage {i}/{total}: {node.id}")
+
+
 def run_in_process(graph: Graph, run_dir: Path, store: Optional[ResultStore]) -> None:
     total = len(graph.nodes)
     for i, node in enumerate(graph.nodes.values(), 1):
-        if node.kind != "attack" or i == total or i % 10 == 0:
-            say(f"stage {i}/{total}: {node.id}")
+        _announce(node, i, total)
         run_stage(node, graph.exp.for_seed(node.seed), run_dir, inputs_of(node, run_dir), store)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_jobs() -> int:
+    """Stages side by side by default on a CPU-only machine (up to 4: tiny models gain little
+    from more threads per stage, and every worker holds its own models); one at a time where a
+    GPU is visible (the stages would share it)."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(4, usable_cores()))
+
+
+# Rough relative cost of a stage of each kind, for the pool's order (not for any result).
+_KIND_COST = {"pretrain": 10.0, "checkpoint": 1.0, "aux": 3.0, "unlearn": 2.0, "select": 0.0, "noise": 0.1,
+              "distill": 4.0, "attack": 0.2}
+
+
+def critical_path(graph: Graph) -> dict[str, float]:
+    """Each stage's cost plus the costliest chain of stages that need it: the pool starts the
+    ready stage with the most work behind it first."""
+    after: dict[str, list[str]] = {node_id: [] for node_id in graph.nodes}
+    for node in graph.nodes.values():
+        for source in node.inputs.values():
+            if source in after:
+                after[source].append(node.id)
+    path: dict[str, float] = {}
+    for node_id in reversed(list(graph.nodes)):  # graph order is topological
+        path[node_id] = _KIND_COST.get(graph.nodes[node_id].kind, 1.0) + max(
+            (path[child] for child in after[node_id]), default=0.0)
+    return path
+
+
+_WORKER_GRAPHS: dict[str, Graph] = {}
+
+
+def _worker_graph(config_json: str) -> Graph:
+    """The graph, rebuilt in a worker from the experiment's config (deterministic), once per worker."""
+    from ..config import from_dict
+    from ..experiment import ExperimentConfig
+
+    if config_json not in _WORKER_GRAPHS:
+        _WORKER_GRAPHS[config_json] = build_graph(from_dict(ExperimentConfig, json.loads(config_json), "config"))
+    return _WORKER_GRAPHS[config_json]
+
+
+def _pool_worker_init(threads: int) -> None:
+    import torch
+
+    os.environ["UNDO_NO_PROGRESS"] = "1"  # several workers' bars would garble the terminal
+    torch.set_num_threads(threads)
+
+
+def _pool_stage(config_json: str, node_id: str, run_dir: str) -> str:
+    graph = _worker_graph(config_json)
+    node = graph.nodes[node_id]
+    run_stage(node, graph.exp.for_seed(node.seed), Path(run_dir), inputs_of(node, Path(run_dir)), exclusive=True)
+    return node_id
+
+
+def run_in_pool(graph: Graph, run_dir: Path, store: Optional[ResultStore], jobs: int,
+                threads_per_job: Optional[int] = None) -> None:
+    """Run the graph on `jobs` local worker processes (spawned: each imports torch afresh)
+    with `threads_per_job` torch threads each (default: the cores shared out). The main
+    process records every result in the store, in the order stages finish. The first failure
+    stops the pool (other stages in flight are killed; their artifacts are written atomically,
+    so nothing half-written stays) and ends the run with that stage's own message."""
+    if jobs <= 1:
+        return run_in_process(graph, run_dir, store)
+    threads = threads_per_job or max(1, usable_cores() // jobs)
+    from ..config import to_dict
+
+    config_json, priority = json.dumps(to_dict(graph.exp)), critical_path(graph)
+    waiting, done, total = dict(graph.nodes), set(), len(graph.nodes)
+    finished: queue.Queue = queue.Queue()
+    say(f"running up to {jobs} stages side by side ({threads} thread{'s' * (threads > 1)} each)")
+    pool = multiprocessing.get_context("spawn").Pool(jobs, _pool_worker_init, (threads,))
+    try:
+        running = 0
+        while waiting or running:
+            for node in _ready(waiting, done, priority):
+                if Artifact(run_dir, node.id).is_done(node.key):  # cached: no worker needed
+                    run_stage(node, graph.exp.for_seed(node.seed), run_dir, inputs_of(node, run_dir), store)
+                    del waiting[node.id]
+                    done.add(node.id)
+                elif running < jobs:
+                    del waiting[node.id]
+                    running += 1
+                    _announce(node, len(done) + running, total)
+                    pool.apply_async(_pool_stage, (config_json, node.id, str(run_dir)),
+                                     callback=lambda _, n=node: finished.put((n, None)),
+                                     error_callback=lambda e, n=node: finished.put((n, e)))
+            if not running:
+                if waiting and not _ready(waiting, done, priority):  # cannot happen in a built graph
+                    raise UndoError(f"stages wait for inputs that no stage makes: {', '.join(waiting)}")
+                continue
+            node, error = finished.get()
+            running -= 1
+            if error is not None:
+                raise error
+            if store is not None:
+                record(store, node, Artifact(run_dir, node.id).result(), cached=False)
+            done.add(node.id)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _ready(waiting: dict[str, StageNode], done: set[str], priority: dict[str, float]) -> list[StageNode]:
+    ready = [n for n in waiting.values() if all(source in done for source in n.inputs.values())]
+    return sorted(ready, key=lambda n: -priority[n.id])
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from ..log import say
 from ..report import summary_text, write_report
 from ..store import ResultStore
 from ..tasks import build_task, task_class
-from .executors import RayOptions, run_in_process, run_on_ray
+from .executors import RayOptions, run_in_pool, run_on_ray
 from .graph import Graph, build_graph
 
 
@@ -66,13 +66,17 @@ def write_report_safely(run_dir: Path, store: ResultStore, info: dict) -> Path:
         return write_report(run_dir, store, info)
 
 
-def run_experiment(exp: ExperimentConfig, run_dir: Path, executor: Literal["inprocess", "ray"] = "inprocess",
-                   ray_options: Optional[RayOptions] = None) -> Path:
-    """Every stage of the experiment's graph, then the results store and the report."""
+def run_experiment(exp: ExperimentConfig, run_dir: Path, executor: Literal["local", "ray"] = "local",
+                   ray_options: Optional[RayOptions] = None, jobs: int = 1) -> Path:
+    """Every stage of the experiment's graph, then the results store and the report. `local`
+    runs `jobs` stages side by side in worker processes (1: in this process, in order)."""
     distributed.init()
     graph = build_graph(exp)
     check_task_data(exp)
     main = distributed.is_main_process()  # several processes: all train, the main one records
+    if distributed.world_size() > 1 and (executor == "ray" or jobs > 1):
+        raise UndoError("under accelerate/torchrun every process runs every stage together: "
+                        "launch with --jobs 1 (the default there), or without accelerate for --jobs/--executor ray")
     store = None
     if main:
         with write_errors(run_dir):  # e.g. a file where the run directory should be, a read-only disk
@@ -82,11 +86,9 @@ def run_experiment(exp: ExperimentConfig, run_dir: Path, executor: Literal["inpr
             store.set_graph(node.key for node in graph.nodes.values())
     say(f"{exp.name}: {len(graph.nodes)} stages over seeds {exp.all_seeds()} (run `undo plan` to list them)")
     if executor == "ray":
-        if distributed.world_size() > 1:
-            raise UndoError("--executor ray runs stages in Ray workers; launch it without accelerate/torchrun")
         run_on_ray(graph, run_dir, ray_options or RayOptions())
     else:
-        run_in_process(graph, run_dir, store)
+        run_in_pool(graph, run_dir, store, jobs)
     report = run_dir / "report" / "index.html"
     if main:
         info = task_info(graph, run_dir)

@@ -1,0 +1,68 @@
+"""The local pool executor (`undo run --jobs N`): stages side by side in worker processes give
+the numbers of the in-process executor, run once each, resume from the cache, and a failing
+stage ends the run with its own one line and nothing half-written."""
+
+import torch
+import yaml
+
+from test_engine import MICRO, TRAIN, micro
+from undo.cli import main
+from undo.engine.executors import critical_path, run_in_pool
+from undo.engine.graph import build_graph
+from undo.engine.run import run_experiment
+from undo.store import ResultStore
+
+
+def small_graph_config():
+    return micro(unlearn__methods=[{"method": "graddiff", "train": {"steps": 2, **TRAIN}},
+                                   {"method": "maxent", "train": {"steps": 2, **TRAIN}}],
+                 attacks=[{"name": "relearn", "options": {**MICRO["attacks"][0]["options"], "lrs": [1e-3, 3e-3]}}])
+
+
+def test_two_workers_give_the_in_process_numbers_and_a_rerun_is_all_cached(tmp_path):
+    exp = small_graph_config()
+    run_experiment(exp, tmp_path / "local")
+    # the workers get this process's thread count, so each stage computes exactly as in process
+    run_pool = tmp_path / "pool"
+    run_in_pool(build_graph(exp), run_pool, None, jobs=2, threads_per_job=torch.get_num_threads())
+    run_experiment(exp, run_pool, jobs=2)  # every stage found in the cache: recorded, not rerun
+    local, pool = ResultStore(tmp_path / "local" / "results.sqlite"), ResultStore(run_pool / "results.sqlite")
+    assert [(m["name"], m["metrics"]) for m in local.models()] == [(m["name"], m["metrics"]) for m in pool.models()]
+    for model in local.models():
+        assert local.attack_points(model["name"]) == pool.attack_points(model["name"])
+    stages = pool.stage_times()
+    assert sorted(r["stage"] for r in stages) == sorted(build_graph(exp).nodes) and all(r["cached"] for r in stages)
+    assert (run_pool / "report" / "index.html").exists()
+
+
+def test_the_pool_records_each_stage_once_as_it_finishes(tmp_path):
+    exp = micro()
+    run_experiment(exp, tmp_path, jobs=2)
+    stages = ResultStore(tmp_path / "results.sqlite").stage_times()
+    assert sorted(r["stage"] for r in stages) == sorted(build_graph(exp).nodes)
+    assert not any(r["cached"] for r in stages)
+
+
+def test_a_failing_stage_ends_the_pool_with_its_own_line_and_nothing_half_written(tmp_path, capsys):
+    raw = {**MICRO, "quality_gate": {"on_miss": "fail", "extend_steps": 2, "max_steps": 8}}  # 8 steps cannot pass arithmetic's gate
+    cfg = tmp_path / "gate.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), "--jobs", "2", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "below the arithmetic quality gate" in err
+    assert not list(run.rglob("*.partial")) and not list(run.rglob("result.json"))
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert main(["run", "quick", "--jobs", "0", "--run-dir", str(tmp_path)]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_the_pool_starts_the_stage_with_the_most_work_behind_it_first():
+    graph = build_graph(small_graph_config())
+    path = critical_path(graph)
+    # base pretraining leads to unlearning, distillation and attacks: more than the oracle's chain
+    assert path["seed0/base"] > path["seed0/oracle"]
+    # the distillation outranks an attack on a model that is ready as early
+    assert path["seed0/undo/undo_a0.5"] > path["seed0/attack/relearn/graddiff/lr0.001-as0"]
