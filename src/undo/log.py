@@ -28,3 +28,12 @@ def warn(message: str) -> None:
     """A warning on stderr, from the main process only."""
     if is_main_process():
         print(f"undo: warning: {message}", file=sys.stderr, flush=True)
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own bars and chatter (every process that runs stages calls it)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
+    hf_logging.set_verbosity_error()

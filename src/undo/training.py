@@ -359,13 +359,14 @@ def _train_step(run: _Prepared, state: _LoopState, loss_fn: LossFn, streams: dic
 
 
 class _Progress:
-    """A progress bar on a terminal; without one, a line every 10% of the steps (at most
-    every 5 s); nothing on other processes or with UNDO_NO_PROGRESS=1."""
+    """A progress bar on a terminal; without one (or with UNDO_PROGRESS=lines), a line every 10%
+    of the steps (at most every 5 s); nothing on other processes or with UNDO_NO_PROGRESS=1."""
 
     def __init__(self, cfg: TrainConfig, desc: str, state: _LoopState, main_process: bool):
         self.steps, self.desc, self.start_step, self.t0 = cfg.steps, desc, state.step, state.t0
         self.quiet = not main_process or os.environ.get("UNDO_NO_PROGRESS") == "1"
-        self.interactive = sys.stderr.isatty()
+        # UNDO_PROGRESS=lines: lines even on a terminal (pool workers share it)
+        self.interactive = sys.stderr.isatty() and os.environ.get("UNDO_PROGRESS") != "lines"
         self.bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, leave=False, mininterval=1.0,
                         disable=self.quiet or not self.interactive)
         self.log_every = max(1, cfg.steps // 10)
@@ -427,6 +428,7 @@ def train(
     step_hook: Optional[Callable[[torch.nn.Module, Any, Callable[[], LossOutput]], None]] = None,
     on_start: Optional[Callable[[torch.nn.Module, dict[str, BatchStream]], None]] = None,
     on_end: Optional[Callable[[torch.nn.Module, dict[str, BatchStream]], None]] = None,
+    stop_after_step: Optional[Callable[[dict[str, float]], bool]] = None,
 ) -> TrainResult:
     """Train `model` in place for `cfg.steps` steps (or until `should_stop`).
 
@@ -439,6 +441,8 @@ def train(
     training (snapshot, then negate a task vector; zero neurons with steps=0), on the model
     as it trains (sharded under FSDP). on_start sees the starting weights on every run,
     before a resume point's weights replace them; on_end runs before the final evaluation.
+    `stop_after_step(logs)`: a stop rule on each step's loss logs (a method's own, e.g. LLMU's
+    forget-loss bound); True ends training after that step (the main process's answer counts).
     """
     seed_everything(seed)
     run = _prepare(model, params, cfg, accelerator or make_accelerator(cfg), desc)
@@ -457,6 +461,8 @@ def train(
         progress.update(state.step, state.last_loss, logs)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
             state.stopped_early = _evaluate(run, state, evaluate, should_stop)
+        if stop_after_step is not None and not state.stopped_early and distributed.broadcast(stop_after_step(logs)):
+            state.stopped_early = True
         if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps
                 and not state.stopped_early):
             _save_resume_point(run.acc, resume_dir, state)

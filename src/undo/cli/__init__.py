@@ -13,6 +13,7 @@ import os
 import sys
 
 from ..errors import UndoError
+from ..log import quiet_libraries
 
 COMMAND_MODULES = [
     "undo.cli.experiment",
@@ -49,14 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
-    hf_logging.set_verbosity_error()
-
-
 def _discard_stdout() -> None:
     """Send what is left of stdout (and the interpreter's flush at exit) to /dev/null: the
     reader of the pipe has gone, and a BrokenPipeError at exit would print a traceback."""
@@ -71,7 +64,7 @@ def _discard_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from ..artifacts import Artifact
 from ..errors import UndoError
-from ..log import say
+from ..log import quiet_libraries, say
 from ..stages.base import StageNode
 from ..store import ResultStore
 from .graph import Graph, build_graph
@@ -96,7 +96,8 @@ def _worker_graph(config_json: str) -> Graph:
 def _pool_worker_init(threads: int) -> None:
     import torch
 
-    os.environ["UNDO_NO_PROGRESS"] = "1"  # several workers' bars would garble the terminal
+    os.environ["UNDO_PROGRESS"] = "lines"  # several workers' bars would garble the terminal
+    quiet_libraries()
     torch.set_num_threads(threads)
 
 
@@ -175,6 +176,7 @@ def _ray_stage(config: dict[str, Any], node_id: str, run_dir: str, *parents: str
     from ..experiment import ExperimentConfig
 
     os.environ.setdefault("UNDO_NO_PROGRESS", "1")
+    quiet_libraries()
     exp = from_dict(ExperimentConfig, config, "config")
     node = build_graph(exp).nodes[node_id]
     store = ResultStore(Path(run_dir) / "results.sqlite")
