@@ -2,6 +2,13 @@
 the numbers of the in-process executor, run once each, resume from the cache, and a failing
 stage ends the run with its own one line and nothing half-written."""
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 import yaml
 
@@ -66,3 +73,52 @@ def test_the_pool_starts_the_stage_with_the_most_work_behind_it_first():
     assert path["seed0/base"] > path["seed0/oracle"]
     # the distillation outranks an attack on a model that is ready as early
     assert path["seed0/undo/undo_a0.5"] > path["seed0/attack/relearn/graddiff/lr0.001-as0"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death signal is Linux's")
+def test_killing_the_main_process_ends_its_workers(tmp_path):
+    raw = {**MICRO, "pretrain": {**MICRO["pretrain"], "steps": 5000}}  # still pretraining when killed
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "undo.cli", "run", str(cfg), "--jobs", "2", "--run-dir",
+                             str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and len(workers) < 2:  # the two workers (and the resource tracker)
+        time.sleep(0.5)
+        workers = [c for c in _children(proc.pid) if b"spawn_main" in _cmdline(c)]
+    assert len(workers) == 2
+    while time.time() < deadline and not (tmp_path / "run" / "seed0").exists():
+        time.sleep(0.5)  # a worker has started a stage
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60  # a worker still importing dies once it is up
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)

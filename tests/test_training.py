@@ -137,6 +137,24 @@ def test_flops_are_six_n_tokens(setup):
     assert result.flops == pytest.approx(6 * non_embedding_params(model) * result.tokens)
 
 
+def test_frozen_weights_get_no_weight_gradient_flops(setup):
+    """With only the MLP down-projections trained, a token costs 2N forward + 2N backward
+    through the activations + 2 x (the trained parameters) of weight gradients, not 6N."""
+    from undo.models import non_embedding_params
+
+    tok, rows = setup
+    model = build_model(ModelConfig(preset="tiny"), tok, seed=0)
+    for name, p in model.named_parameters():
+        p.requires_grad_("down_proj" in name)
+    trained = sum(p.numel() for name, p in model.named_parameters() if "down_proj" in name)
+    cfg = TrainConfig(steps=2, batch_size=8, lr=3e-3, warmup_steps=0, checkpoint_every=0)
+    result = train(model, lm_loss, {"train": BatchStream(rows, 8, seed=0)}, cfg, seed=0)
+    n = non_embedding_params(model)
+    assert non_embedding_params(model, trainable_only=True) == trained
+    assert result.flops == pytest.approx((4 * n + 2 * trained) * result.tokens)
+    assert result.flops < 6 * n * result.tokens
+
+
 def test_a_loss_that_knows_its_cost_replaces_six_n_tokens(setup):
     # Methods whose forward stops early (RMU) report their own cost; frozen forwards add on top.
     tok, rows = setup

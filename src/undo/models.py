@@ -155,12 +155,18 @@ def count_params(model: torch.nn.Module) -> int:
     return total
 
 
-def non_embedding_params(model: PreTrainedModel) -> int:
+def non_embedding_params(model: PreTrainedModel, trainable_only: bool = False) -> int:
     """Parameters that do matmul work per token (embedding lookups are free; a tied
-    output head is counted once through the embedding matrix)."""
+    output head is counted once through the embedding matrix); `trainable_only`: of those,
+    the ones that require grad (they alone get weight gradients)."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    total = count_params(model) - emb.numel()
-    if head is not None and head.weight is emb:
+    counted = (lambda p: p.requires_grad) if trainable_only else (lambda p: True)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and p is not emb and counted(p):
+            seen.add(id(p))
+            total += p.numel()
+    if head is not None and head.weight is emb and counted(emb):
         total += emb.numel()  # the tied head does a full matmul
     return total

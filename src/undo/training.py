@@ -194,7 +194,8 @@ class _Prepared:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: list[torch.nn.Parameter]      # the optimizer's (FSDP: the sharded ones), for clipping
-    n_params: int                         # non-embedding parameters: 6 x n_params FLOPs per token
+    n_params: int                         # non-embedding parameters: 2 x n_params FLOPs per token forward, 2 x backward
+    n_trainable: int                      # of those, the trained ones: 2 x n_trainable FLOPs per token of weight gradients
 
 
 @dataclasses.dataclass
@@ -231,12 +232,13 @@ def _prepare(model: torch.nn.Module, params: Optional[list[torch.nn.Parameter]],
     optimizer, scheduler = _optimizer_and_scheduler(params, cfg, acc.device)
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(model, True, desc)
+    n_params, n_trainable = non_embedding_params(model), non_embedding_params(model, trainable_only=True)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     # FSDP replaces the parameters with sharded ones and points the optimizer at them;
     # clipping must see those, not the tensors collected before `prepare`.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     forward = torch.compile(model) if cfg.compile else model
-    return _Prepared(acc, model, forward, optimizer, scheduler, params, non_embedding_params(acc.unwrap_model(model)))
+    return _Prepared(acc, model, forward, optimizer, scheduler, params, n_params, n_trainable)
 
 
 def _check_micro_batches(cfg: TrainConfig, world: int, desc: str) -> None:
@@ -321,7 +323,10 @@ def _count(run: _Prepared, state: _LoopState, out: LossOutput, batches: dict[str
     world = run.acc.num_processes
     local_tokens = sum(b["input_ids"].numel() for b in batches.values())
     state.tokens += local_tokens * world
-    train_flops = 6.0 * run.n_params * local_tokens if out.train_flops is None else out.train_flops
+    # forward, activation gradients, and weight gradients of the trained weights only (frozen
+    # weights, e.g. under LoRA adapters, get none): 6N per token when everything trains
+    default_flops = (4.0 * run.n_params + 2.0 * run.n_trainable) * local_tokens
+    train_flops = default_flops if out.train_flops is None else out.train_flops
     state.flops += (train_flops + out.extra_flops) * world
 
 

@@ -55,6 +55,7 @@ class RelearnLora(Relearn):
     name = "relearn_lora"
     description = "relearning through LoRA adapters (peft; Lucki et al.: rank 128, alpha 16), base weights frozen"
     Options = LoraAttackConfig
+    version = 2  # 2: FLOPs count no weight gradients for the frozen base weights (4N + 2N_lora per token, not 6N)
 
     def run(self, exp, model_dir: Path, point: dict[str, Any], seed: int, desc: str) -> dict[str, Any]:
         cfg = self.options

@@ -12,11 +12,14 @@ seeds, attack runs) side by side on as many workers as the cluster has.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import multiprocessing
 import os
 import queue
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,12 +96,27 @@ def _worker_graph(config_json: str) -> Graph:
     return _WORKER_GRAPHS[config_json]
 
 
-def _pool_worker_init(threads: int) -> None:
+def _pool_worker_init(threads: int, parent: int) -> None:
     import torch
 
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool, once
     os.environ["UNDO_PROGRESS"] = "lines"  # several workers' bars would garble the terminal
     quiet_libraries()
     torch.set_num_threads(threads)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel ends this worker when the main process dies, however it dies (kill -9
+    included), so no orphan goes on training; elsewhere a no-op. A parent that died while this
+    worker started up (before the request) has already left it to another parent: exit now."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _pool_stage(config_json: str, node_id: str, run_dir: str) -> str:
@@ -124,7 +142,8 @@ def run_in_pool(graph: Graph, run_dir: Path, store: Optional[ResultStore], jobs:
     waiting, done, total = dict(graph.nodes), set(), len(graph.nodes)
     finished: queue.Queue = queue.Queue()
     say(f"running up to {jobs} stages side by side ({threads} thread{'s' * (threads > 1)} each)")
-    pool = multiprocessing.get_context("spawn").Pool(jobs, _pool_worker_init, (threads,))
+    pool = multiprocessing.get_context("spawn").Pool(jobs, _pool_worker_init, (threads, os.getpid()))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`: stop the workers too
     try:
         running = 0
         while waiting or running:
@@ -153,8 +172,13 @@ def run_in_pool(graph: Graph, run_dir: Path, store: Optional[ResultStore], jobs:
             done.add(node.id)
         pool.close()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         pool.terminate()
         pool.join()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _ready(waiting: dict[str, StageNode], done: set[str], priority: dict[str, float]) -> list[StageNode]:

@@ -143,9 +143,19 @@ def _run_and_write(node: StageNode, exp: Any, art: Artifact, inputs: dict[str, A
 
 
 def _drop_empty_resume_dir(art: Artifact) -> None:
-    """Remove `<stage>.resume/` when it holds no resume point (nothing to resume from)."""
-    if distributed.is_main_process() and art.resume_dir.exists() and not any(art.resume_dir.rglob("*.json")):
-        shutil.rmtree(art.resume_dir, ignore_errors=True)
+    """Remove `<stage>.resume/` when it holds no resume point (nothing to resume from), and the
+    directories above it that it leaves empty (`seed0/`), up to the run directory."""
+    if not distributed.is_main_process() or not art.resume_dir.exists() or any(art.resume_dir.rglob("*.json")):
+        return
+    shutil.rmtree(art.resume_dir, ignore_errors=True)
+    run_dir = art.dir.parents[len(Path(art.stage).parts) - 1]
+    for parent in art.resume_dir.parents:
+        if parent == run_dir or not parent.is_dir() or any(parent.iterdir()):
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # another stage wrote into it meanwhile
+            break
 
 
 def record(store: ResultStore, node: StageNode, result: dict[str, Any], cached: bool) -> None:
