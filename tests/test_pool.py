@@ -122,3 +122,19 @@ def test_killing_the_main_process_ends_its_workers(tmp_path):
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers)
+
+
+def test_the_stage_table_puts_the_runs_of_one_attack_on_one_model_on_one_line(tmp_path):
+    from undo.engine.run import stage_table
+
+    graph = build_graph(small_graph_config())  # relearn at 2 learning rates on each model
+    store = ResultStore(tmp_path / "results.sqlite")
+    store.set_graph(node.key for node in graph.nodes.values())
+    for node in graph.nodes.values():
+        store.record_stage_time(node.id, 1.5, cached=node.kind == "pretrain", key=node.key)
+    lines = stage_table(store, graph).splitlines()
+    assert any(line.split() == ["seed0/attack/relearn/base", "(2", "runs)", "3.0"] for line in lines)
+    assert any(line.split() == ["seed0/base", "1.5", "(cached)"] for line in lines)
+    attack_lines = [line for line in lines if "/attack/" in line]
+    assert len(attack_lines) == len({n.id.rsplit("/", 1)[0] for n in graph.nodes.values() if n.kind == "attack"})
+    assert lines[-1].split() == ["total", f"{1.5 * len(graph.nodes):.1f}"]

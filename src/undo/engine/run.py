@@ -46,11 +46,22 @@ def check_task_data(exp: ExperimentConfig) -> None:
 
 
 def stage_table(store: ResultStore, graph: Graph) -> str:
-    rows = [r for r in store.stage_times() if r["stage"] in graph.nodes]
-    width = max([len(r["stage"]) for r in rows] + [5])
+    """Seconds per stage; the runs of one attack on one model (its points x attack seeds) on
+    one line, `<seed>/attack/<attack>/<model> (N runs)`: a default run has 90 of them."""
+    rows: dict[str, list] = {}
+    for r in store.stage_times():
+        node = graph.nodes.get(r["stage"])
+        if node is None:
+            continue
+        label = r["stage"].rsplit("/", 1)[0] if node.kind == "attack" else r["stage"]
+        row = rows.setdefault(label, [0.0, 0, True])
+        row[0], row[1], row[2] = row[0] + r["seconds"], row[1] + 1, row[2] and bool(r["cached"])
+    labels = {label: label + (f" ({n} runs)" if n > 1 else "") for label, (_, n, _) in rows.items()}
+    width = max([len(text) for text in labels.values()] + [5])
     lines = [f"{'stage':{width}s} {'seconds':>8s}"]
-    lines += [f"{r['stage']:{width}s} {r['seconds']:8.1f}{'  (cached)' if r['cached'] else ''}" for r in rows]
-    lines.append(f"{'total':{width}s} {sum(r['seconds'] for r in rows):8.1f}")
+    lines += [f"{labels[label]:{width}s} {seconds:8.1f}{'  (cached)' if cached else ''}"
+              for label, (seconds, _, cached) in rows.items()]
+    lines.append(f"{'total':{width}s} {sum(row[0] for row in rows.values()):8.1f}")
     return "\n".join(lines)
 
 
