@@ -485,3 +485,50 @@ def test_a_task_version_bump_changes_every_cache_key(monkeypatch):
     monkeypatch.setattr(task_class(exp.task.name), "version", 99)
     after = {node_id: node.key for node_id, node in build_graph(exp).nodes.items()}
     assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
+
+
+# ---------------------------------------------------------------- what the fewshot / heldout attacks need
+
+def test_forget_items_scored_as_items_give_evaluates_forget_accuracy(tok):
+    t = task()
+    items = t.forget_items()
+    assert {g: len(v) for g, v in items.items()} == {"wmdp_bio": 4, "wmdp_cyber": 4}
+    assert items["wmdp_bio"][0].completion == " " + LETTERS[BIO_ANSWERS[0]]
+    for letter in ("A", "C"):
+        model = prefer_letter_model(tok, letter, len(tok))
+        scored, evaluated = t.score_items(model, tok, items), t.evaluate(model, tok)
+        assert scored["wmdp_bio/acc"] == evaluated["wmdp_bio/acc"]
+        assert scored["wmdp_cyber/acc"] == evaluated["wmdp_cyber/acc"]
+        assert scored["forget_acc"] == evaluated["forget_acc"]
+
+
+def test_forget_halves_split_each_set_into_disjoint_halves_of_its_questions(tok):
+    t = task()
+    first, second = t.forget_halves()
+    for name in ("wmdp_bio", "wmdp_cyber"):
+        a, b = {ex.prompt for ex in first[name]}, {ex.prompt for ex in second[name]}
+        assert not a & b and a | b == {ex.prompt for ex in t.forget_items()[name]} and len(a) == len(b) == 2
+    assert t.forget_halves() == (first, second)  # seeded
+
+
+def test_fewshot_prompts_put_other_answered_questions_before_each_item(tok):
+    from undo.attacks.fewshot import fewshot_groups
+
+    t = task(quick_eval_limit=2)  # 2 of each set's 4 questions scored, the other 2 the shots' pool
+    groups, used = fewshot_groups(t, tok, k=1, seed=0, max_tokens=4096, quick=True)
+    for name, items in fewshot_groups(t, tok, k=16, seed=0, max_tokens=100000, quick=True)[0].items():
+        scored = {ex.prompt for ex in t.forget_items(quick=True)[name]}
+        for item in items:  # 16 draws from a pool of 2: never one of the 2 scored questions
+            shots = item.prompt.split("\n\n")[:-2]  # the header line and the question come last
+            assert len(shots) == 16
+            for shot in shots:
+                question = shot.rsplit(" ", 1)[0]  # without its answer letter
+                assert question.endswith("Answer:") and not any(p.endswith(question) for p in scored)
+    assert used == 1.0 and t.fewshot_separator() == "\n\n"
+    for name, items in groups.items():
+        quick = t.forget_items(quick=True)[name]
+        for item, plain in zip(items, quick):
+            assert item.prompt.endswith(plain.prompt) and item.completion == plain.completion
+            shot = item.prompt[: -len(plain.prompt)]  # one answered question, no header, then a blank line
+            assert shot.endswith("\n\n") and "multiple choice" not in shot
+            assert shot.split("\nAnswer:")[1].strip() in LETTERS and shot.split("\n")[0] not in plain.prompt

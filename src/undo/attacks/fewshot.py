@@ -55,9 +55,11 @@ def fewshot_groups(task, tok, k: int, seed: int, max_tokens: int, quick: bool = 
     sep = separator(task, tok)
     groups, used = {}, []
     for group, items in task.forget_items(quick).items():
-        # Never an evaluation item, nor its question with another answer (text: prompts are empty).
-        asked = {ex.prompt for ex in items if ex.prompt}
-        pool = [ex for ex in task.fewshot_pool(group) if ex not in items and ex.prompt not in asked]
+        # Never an evaluation item, nor its question with another answer or without the header a
+        # scored prompt starts with (a WMDP shot is its question minus the header); text: prompts are empty.
+        asked = [ex.prompt for ex in items if ex.prompt]
+        pool = [ex for ex in task.fewshot_pool(group)
+                if ex not in items and not (ex.prompt and any(p.endswith(ex.prompt) for p in asked))]
         if k and not pool:
             raise UndoError(f"fewshot: task '{task.name}' has no forget training examples for group '{group}'")
         out = []
@@ -78,6 +80,7 @@ class Fewshot(Attack):
     name = "fewshot"
     description = "k solved forget examples in the prompt (k = 0, 1, 4, 16), no weight change"
     Options = FewshotConfig
+    version = 2  # 2: a shot is never a scored question's prompt's ending (arithmetic: "3 * 4 =" is no shot when "13 * 4 =" is scored)
 
     def run(self, exp, model_dir: Path, point: dict[str, Any], seed: int, desc: str) -> dict[str, Any]:
         start = time.time()

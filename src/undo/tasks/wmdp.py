@@ -46,6 +46,7 @@ import dataclasses
 import gzip
 import inspect
 import json
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -434,6 +435,23 @@ def mcq_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, questions
     return sum(p == q.answer for p, q in zip(predictions, questions)) / len(questions)
 
 
+def question_item(q: MCQuestion, header: bool = True) -> Example:
+    """(the question's lm-eval context, " <answer letter>"); without the task header for a shot
+    placed before another question (the header then comes once, with that question)."""
+    context = mcq_context(q)
+    return Example(context if header else context[len(HEADER.format(subject=q.subject)):], " " + LETTERS[q.answer])
+
+
+def letter_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, items: Sequence[Example],
+                    add_bos: Optional[bool] = None, batch_size: int = 16) -> float:
+    """Share of items whose completion (" <letter>") scores highest of the four letters after
+    the item's prompt: `mcq_accuracy` for items that are `question_item`s."""
+    requests = [encode_pair(tok, ex.prompt, " " + letter, add_bos) for ex in items for letter in LETTERS]
+    scores = torch.tensor(loglikelihoods(model, requests, batch_size, limit=max_length(model, tok)))
+    predictions = scores.view(len(items), len(LETTERS)).argmax(dim=1).tolist()
+    return sum(" " + LETTERS[p] == ex.completion for p, ex in zip(predictions, items)) / len(items)
+
+
 # ------------------------------------------------------------------ the task
 
 class WMDPTask(Task):
@@ -496,3 +514,44 @@ class WMDPTask(Task):
         metrics["forget_acc"] = sum(forget) / len(forget)
         metrics["retain_acc"] = metrics["mmlu/acc"]
         return metrics
+
+    # --- for attacks: the forget questions as items, their accuracy, two halves (fewshot, heldout) ---
+    def forget_sets(self) -> list[str]:
+        return [name for name in ("wmdp_bio", "wmdp_cyber") if getattr(self.options, name)]
+
+    def forget_items(self, quick: bool = False) -> dict[str, list[Example]]:
+        """Each forget set's questions as (lm-eval context, " <answer letter>") items."""
+        out = {}
+        for name in self.forget_sets():
+            questions = self.questions(name)
+            out[name] = [question_item(q) for q in (spread(questions, self.options.quick_eval_limit) if quick else questions)]
+        return out
+
+    def score_items(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    groups: dict[str, list[Example]]) -> dict[str, float]:
+        """Accuracy per group (the argmax of " A".." D" after each item's prompt, which may carry
+        in-context examples before the question) and `forget_acc`, their mean (as `evaluate`)."""
+        metrics = {f"{group}/acc": letter_accuracy(model, tokenizer, items, self.add_bos(), self.options.eval_batch_size)
+                   for group, items in groups.items()}
+        metrics["forget_acc"] = sum(metrics.values()) / len(metrics)
+        return metrics
+
+    def forget_halves(self) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+        """Each forget set's questions in two seeded halves (Deeb & Roger's RTT on WMDP: train on
+        one half's questions with their answers, measure the other). A question is one fact."""
+        halves: tuple[dict[str, list[Example]], dict[str, list[Example]]] = ({}, {})
+        for name in self.forget_sets():
+            questions = list(self.questions(name))
+            random.Random(f"{self.seed}-{name}-halves").shuffle(questions)
+            middle = len(questions) // 2
+            halves[0][name] = [question_item(q) for q in questions[:middle]]
+            halves[1][name] = [question_item(q) for q in questions[middle:]]
+        return halves
+
+    def fewshot_pool(self, group: str) -> list[Example]:
+        """The set's other questions with their answers (lm-eval's few-shot format; the attack
+        leaves out the items it scores)."""
+        return [question_item(q, header=False) for q in self.questions(group)]
+
+    def fewshot_separator(self) -> str:
+        return "\n\n"  # lm-eval's fewshot_delimiter
