@@ -19,6 +19,7 @@ import torch
 from ..artifacts import Artifact
 from ..experiment import ExperimentConfig
 from ..stages.base import StageNode
+from .executors import default_jobs
 from .graph import Graph
 
 # Estimated FLOPs per second of pretraining the default (arithmetic) preset on 2 CPU cores:
@@ -93,8 +94,10 @@ def plan_text(graph: Graph, run_dir: Path) -> str:
         lines.append(f"{r['stage']:{width}s} {r['kind']:10s} {r['key']:16s} {'done' if r['done'] else 'to run':7s} "
                      f"{r['flops']:9.2e} {r['seconds']:7.0f}  {inputs}")
     todo = [r for r in rows if not r["done"]]
+    minutes, jobs = sum(r["seconds"] for r in todo) / 60, default_jobs()
+    side_by_side = f", about {minutes / jobs:.0f} min with `undo run`'s {jobs} jobs here" if jobs > 1 else ""
     lines.append(f"{len(rows)} stages, {len(rows) - len(todo)} done; to run: {sum(r['flops'] for r in todo):.2e} "
-                 f"training FLOPs, about {sum(r['seconds'] for r in todo) / 60:.0f} min of training "
+                 f"training FLOPs, about {minutes:.0f} min of training one stage at a time{side_by_side} "
                  f"(evaluation not included)")
     return "\n".join(lines)
 
