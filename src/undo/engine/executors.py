@@ -135,55 +135,77 @@ def run_in_pool(graph: Graph, run_dir: Path, store: Optional[ResultStore], jobs:
     so nothing half-written stays) and ends the run with that stage's own message."""
     if jobs <= 1:
         return run_in_process(graph, run_dir, store)
-    threads = threads_per_job or max(1, usable_cores() // jobs)
-    from ..config import to_dict
+    _PoolRun(graph, run_dir, store, jobs, threads_per_job or max(1, usable_cores() // jobs)).run()
 
-    config_json, priority = json.dumps(to_dict(graph.exp)), critical_path(graph)
-    waiting, done, total = dict(graph.nodes), set(), len(graph.nodes)
-    finished: queue.Queue = queue.Queue()
-    say(f"running up to {jobs} stages side by side ({threads} thread{'s' * (threads > 1)} each)")
-    pool = multiprocessing.get_context("spawn").Pool(jobs, _pool_worker_init, (threads, os.getpid()))
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`: stop the workers too
-    try:
-        running = 0
-        while waiting or running:
-            for node in _ready(waiting, done, priority):
-                if Artifact(run_dir, node.id).is_done(node.key):  # cached: no worker needed
-                    run_stage(node, graph.exp.for_seed(node.seed), run_dir, inputs_of(node, run_dir), store)
-                    del waiting[node.id]
-                    done.add(node.id)
-                elif running < jobs:
-                    del waiting[node.id]
-                    running += 1
-                    _announce(node, len(done) + running, total)
-                    pool.apply_async(_pool_stage, (config_json, node.id, str(run_dir)),
-                                     callback=lambda _, n=node: finished.put((n, None)),
-                                     error_callback=lambda e, n=node: finished.put((n, e)))
-            if not running:
-                if waiting and not _ready(waiting, done, priority):  # cannot happen in a built graph
-                    raise UndoError(f"stages wait for inputs that no stage makes: {', '.join(waiting)}")
-                continue
-            node, error = finished.get()
-            running -= 1
-            if error is not None:
-                raise error
-            if store is not None:
-                record(store, node, Artifact(run_dir, node.id).result(), cached=False)
-            done.add(node.id)
-        pool.close()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        pool.terminate()
-        pool.join()
+
+class _PoolRun:
+    """One graph on a worker pool: which stages wait, run and are done. The pool starts at the
+    first stage that is not cached (a rerun of a finished graph spawns no worker)."""
+
+    def __init__(self, graph: Graph, run_dir: Path, store: Optional[ResultStore], jobs: int, threads: int):
+        from ..config import to_dict
+
+        self.graph, self.run_dir, self.store, self.jobs, self.threads = graph, run_dir, store, jobs, threads
+        self.config_json, self.priority = json.dumps(to_dict(graph.exp)), critical_path(graph)
+        self.waiting, self.done, self.running = dict(graph.nodes), set(), 0
+        self.finished: queue.Queue = queue.Queue()
+        self.pool = None
+
+    def run(self) -> None:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`: stop the workers too
+        try:
+            while self.waiting or self.running:
+                self._start_ready()
+                if self.running:
+                    self._collect()
+                elif self.waiting and not self._ready():  # cannot happen in a built graph
+                    raise UndoError(f"stages wait for inputs that no stage makes: {', '.join(self.waiting)}")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if self.pool is not None:
+                self.pool.terminate()
+                self.pool.join()
+
+    def _ready(self) -> list[StageNode]:
+        ready = [n for n in self.waiting.values() if all(source in self.done for source in n.inputs.values())]
+        return sorted(ready, key=lambda n: -self.priority[n.id])
+
+    def _start_ready(self) -> None:
+        for node in self._ready():
+            if Artifact(self.run_dir, node.id).is_done(node.key):  # cached: no worker needed
+                run_stage(node, self.graph.exp.for_seed(node.seed), self.run_dir, inputs_of(node, self.run_dir),
+                          self.store)
+                del self.waiting[node.id]
+                self.done.add(node.id)
+            elif self.running < self.jobs:
+                del self.waiting[node.id]
+                self.running += 1
+                _announce(node, len(self.done) + self.running, len(self.graph.nodes))
+                self._worker_pool().apply_async(
+                    _pool_stage, (self.config_json, node.id, str(self.run_dir)),
+                    callback=lambda _, n=node: self.finished.put((n, None)),
+                    error_callback=lambda e, n=node: self.finished.put((n, e)))
+
+    def _worker_pool(self):
+        if self.pool is None:
+            say(f"running up to {self.jobs} stages side by side ({self.threads} thread{'s' * (self.threads > 1)} each)")
+            self.pool = multiprocessing.get_context("spawn").Pool(self.jobs, _pool_worker_init,
+                                                                  (self.threads, os.getpid()))
+        return self.pool
+
+    def _collect(self) -> None:
+        """Wait for the next stage to finish; record it, or raise its error."""
+        node, error = self.finished.get()
+        self.running -= 1
+        if error is not None:
+            raise error
+        if self.store is not None:
+            record(self.store, node, Artifact(self.run_dir, node.id).result(), cached=False)
+        self.done.add(node.id)
 
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def _ready(waiting: dict[str, StageNode], done: set[str], priority: dict[str, float]) -> list[StageNode]:
-    ready = [n for n in waiting.values() if all(source in done for source in n.inputs.values())]
-    return sorted(ready, key=lambda n: -priority[n.id])
 
 
 @dataclasses.dataclass
@@ -196,15 +218,12 @@ class RayOptions:
 def _ray_stage(config: dict[str, Any], node_id: str, run_dir: str, *parents: str) -> str:
     """One stage in a Ray worker: the graph is rebuilt from the config (it is deterministic),
     then the node runs through the same stage helper as in process."""
-    from ..config import from_dict
-    from ..experiment import ExperimentConfig
-
     os.environ.setdefault("UNDO_NO_PROGRESS", "1")
     quiet_libraries()
-    exp = from_dict(ExperimentConfig, config, "config")
-    node = build_graph(exp).nodes[node_id]
+    graph = _worker_graph(json.dumps(config))
+    node = graph.nodes[node_id]
     store = ResultStore(Path(run_dir) / "results.sqlite")
-    run_stage(node, exp.for_seed(node.seed), Path(run_dir), inputs_of(node, Path(run_dir)), store, exclusive=True)
+    run_stage(node, graph.exp.for_seed(node.seed), Path(run_dir), inputs_of(node, Path(run_dir)), store, exclusive=True)
     return node_id
 
 
