@@ -50,3 +50,27 @@ def test_the_attack_trains_at_a_constant_learning_rate_with_no_warmup():
 def test_attack_settings_that_cannot_run_are_rejected(key, value):
     with pytest.raises(UndoError, match=rf"attack.{key} must be at least"):
         from_dict(AttackConfig, {key: value}, "attack")
+
+
+def test_forget_only_evaluation_gives_the_full_evaluations_forget_accuracy(monkeypatch):
+    """`evaluate: forget` scores the forget items alone; on arithmetic its forget_acc is the
+    full quick evaluation's, per group too (a stand-in decoder answers every third prompt)."""
+    import undo.tasks.arithmetic as arithmetic
+    from undo.attacks.relearn import evaluation
+
+    task = ArithmeticTask(ArithmeticOptions(examples_per_operation=40, eval_per_format=12, quick_eval_per_format=6), 0)
+    answers = {ex.prompt: ex.completion for exs in task.eval_examples().values() for ex in exs}
+    calls = []
+
+    def decoder(model, tok, prompts, max_new_tokens):
+        calls.append(len(prompts))
+        return [answers[p] if i % 3 == 0 else " 0" for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(arithmetic, "greedy_complete", decoder)
+    full = evaluation(task, None, AttackConfig())(None)
+    calls_full, calls[:] = list(calls), []
+    forget = evaluation(task, None, AttackConfig(evaluate="forget"))(None)
+    assert 0 < forget["forget_acc"] < 1 and forget["forget_acc"] == full["forget_acc"]
+    for group in ("multiplication/equation", "division/word"):
+        assert forget[f"{group}/acc"] == full[f"{group}/acc"]
+    assert "retain_acc" not in forget and sum(calls) == sum(calls_full) / 2  # half the decoding

@@ -36,6 +36,10 @@ class AttackConfig:
     data: Literal["forget", "mixed"] = "forget"
     retain_fraction: float = 0.5        # share of retain examples when data = mixed
     quick_eval: bool = True             # evaluate on the task's quick subset during the attack
+    # what each evaluation scores: "all" = task.evaluate (forget and retain metrics); "forget" =
+    # the forget items only (Task.score_items: arithmetic's forget_acc exactly, at half the cost;
+    # the curve then has no retain metric, which no robustness number uses)
+    evaluate: Literal["all", "forget"] = "all"
 
     def validate(self, where: str) -> None:
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
@@ -98,7 +102,15 @@ class Relearn(Attack):
         task = build_task(exp.task, exp.seed)
         model, tok = load_model(model_dir)
         return finetune(task, model, tok, attack_examples(task, cfg, seed), cfg, point["lr"], seed, desc,
-                        lambda m: task.evaluate(m, tok, quick=cfg.quick_eval))
+                        evaluation(task, tok, cfg))
+
+
+def evaluation(task, tok, cfg: AttackConfig):
+    """The attack's evaluation of a model: the task's (quick) evaluation, or its forget items' score."""
+    if cfg.evaluate == "forget":
+        items = task.forget_items(cfg.quick_eval)
+        return lambda m: task.score_items(m, tok, items)
+    return lambda m: task.evaluate(m, tok, quick=cfg.quick_eval)
 
 
 def finetune(task, model: torch.nn.Module, tok, examples, cfg: AttackConfig, lr: float, seed: int, desc: str,

@@ -21,7 +21,7 @@ import torch
 from ..errors import UndoError
 from ..models import load_model
 from ..tasks import build_task
-from .relearn import AttackConfig, Relearn, attack_examples, finetune
+from .relearn import AttackConfig, Relearn, attack_examples, evaluation, finetune
 
 
 @dataclasses.dataclass
@@ -63,4 +63,4 @@ class RelearnLora(Relearn):
         model, tok = load_model(model_dir)
         model = with_lora(model, cfg, seed)
         return finetune(task, model, tok, attack_examples(task, cfg, seed), cfg, point["lr"], seed, desc,
-                        lambda m: task.evaluate(m, tok, quick=cfg.quick_eval))
+                        evaluation(task, tok, cfg))
