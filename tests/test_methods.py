@@ -34,12 +34,12 @@ V = 6
 class BigramLM(torch.nn.Module):
     """logits[b, t] = table[input_ids[b, t]]; the table is the (tied) embedding."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, vocab: int = V):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.embed = torch.nn.Embedding(V, V)
+        self.embed = torch.nn.Embedding(vocab, vocab)
         with torch.no_grad():
-            self.embed.weight.copy_(torch.randn(V, V, generator=g) * 1.5)
+            self.embed.weight.copy_(torch.randn(vocab, vocab, generator=g) * 1.5)
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return SimpleNamespace(logits=self.embed(input_ids))

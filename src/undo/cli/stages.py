@@ -18,7 +18,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     print(f"{'method':16s} {'needs':34s} defaults")
     for name in known_methods():
         method = build_method(name)
-        needs = ", ".join(n for n in ("forget", "retain", "idk", "reference", "teacher") if n in method.needs())
+        needs = ", ".join(n for n in ("forget", "retain", "idk", "spans", "reference", "teacher")
+                          if n in method.needs())
         aux = ", ".join(method.aux_models())
         if aux:
             needs += f"; trains {aux}"

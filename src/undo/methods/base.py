@@ -52,7 +52,7 @@ class AuxModel:
         return hash((self.start, self.data, self.shard, tuple(sorted(self.train.items()))))
 
 
-NEEDS = ("forget", "retain", "reference", "teacher", "idk")
+NEEDS = ("forget", "retain", "reference", "teacher", "idk", "spans")  # spans: forget rows + a sensitive-token mask
 RowFormat = Literal["packed", "padded"]
 RetainLoss = Literal["nll", "kl"]
 
@@ -70,6 +70,9 @@ _REGISTRY = Registry("method", "undo methods", {
     "repnoise": "undo.methods.repnoise:RepNoise",
     "oracle_matching": "undo.methods.oracle_matching:OracleMatching",
     "task_vector": "undo.methods.task_vector:TaskVector",
+    "knowledge_unlearning": "undo.methods.knowledge_unlearning:KnowledgeUnlearning",
+    "selective_forgetting": "undo.methods.selective_forgetting:SelectiveForgetting",
+    "llmu": "undo.methods.llmu:LLMU",
 })
 
 
@@ -146,6 +149,17 @@ class Method(abc.ABC):
     def step_hook(self) -> Optional[Callable]:
         """A `train(step_hook=...)` replacement for the plain backward (SAM); None: plain."""
         return None
+
+    def stop_after_step(self, logs: dict[str, float]) -> bool:
+        """The method's own stop rule, after every training step on that step's `loss` logs:
+        True ends training there (e.g. LLMU once the forget loss passes its bound). Default: never."""
+        return False
+
+    def stop_on_eval(self, metrics: dict[str, float]) -> bool:
+        """The method's stop rule on the task's quick evaluation, every `eval_every` steps (and
+        before the first): True ends training there (e.g. Knowledge Unlearning once the forget
+        set's memorisation is below the unseen level). Default: never."""
+        return False
 
     @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batches: dict[str, Batch]) -> LossOutput:

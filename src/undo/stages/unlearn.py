@@ -58,7 +58,13 @@ def build_streams(task: Task, tok: PreTrainedTokenizerBase, method: Method, cfg:
     count, seed and bucket order, so row i of every idk batch answers row i of the forget batch."""
     needs = method.needs()
     forget = task.train_examples("forget")
-    streams = {"forget": BatchStream(make_rows(tok, task, forget, method, cfg), cfg.batch_size, seed, bucket=True)}
+    if "spans" in needs and not hasattr(task, "span_rows"):
+        raise UndoError(f"method '{method.name}' needs sensitive spans, which task '{task.name}' does not mark; "
+                        f"use task privacy (or the method's online spans)")
+    # "spans": the forget rows with the task's sensitive-token mask (SeUL's offline spans)
+    forget_rows = (task.span_rows(tok, forget, cfg.seq_len) if "spans" in needs
+                   else make_rows(tok, task, forget, method, cfg))
+    streams = {"forget": BatchStream(forget_rows, cfg.batch_size, seed, bucket=True)}
     if "retain" in needs:
         retain = task.train_examples("retain")
         streams["retain"] = BatchStream(make_rows(tok, task, retain, method, cfg), cfg.batch_size, seed + 1, bucket=True)
@@ -125,7 +131,8 @@ def run(ctx: StageContext) -> StageOutput:
     evaluate = (lambda m: task.evaluate(m, tok, quick=True)) if cfg.eval_every else None
     result = train(model, method.loss, streams, cfg, seed=exp.seed, resume_dir=ctx.resume_dir, params=params,
                    desc=f"unlearn {name}", accelerator=acc, step_hook=method.step_hook(), evaluate=evaluate,
-                   on_start=method.start, on_end=method.finish)
+                   on_start=method.start, on_end=method.finish, stop_after_step=method.stop_after_step,
+                   should_stop=method.stop_on_eval)
     model = method.export(acc.unwrap_model(model))
     t1 = time.time()
     after = task.evaluate(model, tok)
@@ -140,7 +147,7 @@ def run(ctx: StageContext) -> StageOutput:
         "metrics_before": before, "metrics": after,
         "forget_metric": task.forget_metric, "retain_metric": task.retain_metric,
         "higher_is_better": task.higher_is_better,
-        "flops": result.flops, "tokens": result.tokens, "steps": result.steps,
+        "flops": result.flops, "tokens": result.tokens, "steps": result.steps, "stopped_early": result.stopped_early,
         "wall_seconds": result.wall_seconds, "eval_seconds": eval_seconds, "history": result.history,
         "trainable_params": sum(q.numel() for q in params), "final_loss": result.final_loss,
     }, model=model, tokenizer=tok, state_dict=result.full_state_dict)

@@ -14,6 +14,8 @@ _REGISTRY = Registry("task", "undo tasks", {
     "arithmetic": "undo.tasks.arithmetic:ArithmeticTask",
     "language": "undo.tasks.language:LanguageTask",
     "wmdp": "undo.tasks.wmdp:WMDPTask",
+    "privacy": "undo.tasks.privacy:PrivacyTask",
+    "facts": "undo.tasks.facts:FactsTask",
 })
 
 
