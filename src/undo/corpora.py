@@ -18,7 +18,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -59,6 +59,23 @@ def _txt_documents(path: Path, mode: TxtMode) -> Iterator[str]:
                     yield line
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
         raise UndoError(f"{path}: cannot read it as UTF-8 text ({type(e).__name__}); give a UTF-8 text file") from None
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, object) for each non-blank line of a JSON-lines file (.gz too); bad JSON or
+    bytes end in one line naming the file and line."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UndoError(f"{path}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise UndoError(f"{path}: cannot read it as UTF-8 JSON lines ({type(e).__name__}); give a UTF-8 .jsonl file") from None
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:

@@ -36,6 +36,7 @@ from typing import Literal, Optional
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import expand_path
+from ..corpora import jsonl_records
 from ..errors import UndoError
 from ..facts_metrics import (QAItem, exact_match, forget_quality as ks_forget_quality, model_utility,
                              qa_completion, qa_prompt, rouge_l_recall, score_qa_set)
@@ -244,14 +245,7 @@ def read_rows(path: Path) -> list[dict]:
         data = json.loads(text)
         rows = data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UndoError(f"{path}:{lineno}: malformed JSON ({e.msg}); a TOFU file holds one object per line") from None
+        rows = [row for _, row in jsonl_records(path)]
     if not rows:
         raise UndoError(f"{path}: no rows in it; give TOFU's file as released")
     return rows

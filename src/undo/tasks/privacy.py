@@ -54,6 +54,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .. import privacy_metrics as pm
 from ..config import expand_path
 from ..data import IGNORE
+from ..corpora import jsonl_records
 from ..errors import UndoError
 from .base import Domain, Example, Task
 
@@ -265,14 +266,8 @@ def file_records(o: PrivacyOptions) -> list[Record]:
         p = Path(path)
         if not p.is_file():
             raise UndoError(f"task.options.files: {path} is not a file; give JSONL files (one sequence per line)")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UndoError(f"{path}:{n}: not JSON ({e.msg}); each line is one JSON object") from None
-            records += chunk_record(parse_record(obj, f"{path}:{n}"), o.max_chars)
+        for where, obj in jsonl_records(p):
+            records += chunk_record(parse_record(obj, where), o.max_chars)
     return records
 
 

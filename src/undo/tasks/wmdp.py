@@ -43,7 +43,6 @@ is 0.25 everywhere. tests/test_lmeval_parity.py checks all of this against the r
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import inspect
 import json
 import random
@@ -55,7 +54,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import expand_path
-from ..corpora import load_saved_dataset
+from ..corpora import jsonl_records, load_saved_dataset
 from ..errors import UndoError
 from ..metrics import model_device
 from .base import Domain, Example, Task
@@ -126,21 +125,6 @@ def check_readable(spec: str, what: str) -> None:
         raise UndoError(f"{what}: {path} has an unknown file type; give {READABLE}")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UndoError(f"{path}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object") from None
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-        raise UndoError(f"{path}: cannot read it as UTF-8 JSON lines ({type(e).__name__}); give a UTF-8 .jsonl file") from None
-
-
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -180,7 +164,7 @@ def read_records(spec: str) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         return _dataset_records(path, split)
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return _jsonl_records(path)
+        return jsonl_records(path)
     if name.endswith(".json"):
         return _json_records(path)
     return _parquet_records(path)
