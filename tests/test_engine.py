@@ -252,6 +252,18 @@ def test_attack_seeds_replicate_only_the_attacks():
     assert a0.inputs == a1.inputs and a0.key != a1.key
 
 
+def test_an_attack_that_ignores_its_seed_runs_once_per_model_and_point():
+    """Quantization is a function of the weights alone: attack seeds would repeat it exactly."""
+    graph = build_graph(micro(attack_seeds=[0, 1, 2], attacks=[
+        {"name": "relearn", "options": {"lrs": [1e-3], "steps": 2, "eval_every": 2}},
+        {"name": "quantize", "options": {"bits": [8, 4]}}]))
+    quantize = sorted(n for n in graph.nodes if "/attack/quantize/" in n)
+    relearn = [n for n in graph.nodes if "/attack/relearn/" in n]
+    models = len(graph.models(0))
+    assert len(relearn) == 3 * models and len(quantize) == 2 * models
+    assert all(n.endswith("-as0") for n in quantize)
+
+
 # ---------------------------------------------------------------- plugins from outside the package
 
 def test_a_task_and_a_method_from_a_test_directory_run_the_whole_graph(tmp_path, monkeypatch):

@@ -232,3 +232,25 @@ def test_report_page_defines_its_numbers(tmp_path):
                   "cumulative", "every point of the sweep", "distill to recovery", "recorded whether or not"):
         assert words in text, words
     assert "mean over 3 graph seeds" in page and "<h3>Each seed</h3>" in page
+
+
+def test_the_task_table_joins_each_model_with_its_seeds_oracle(tmp_path):
+    """Privacy: the task's metrics per model over graph seeds, and PrivLeak against the oracle of
+    the same seed, (AUC_model - AUC_oracle) / AUC_oracle, by hand; keys no model has are left out."""
+    from undo.task_table import task_table
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    aucs = {("oracle", 0): 0.50, ("oracle", 1): 0.40, ("ku", 0): 0.55, ("ku", 1): 0.60}
+    for (name, seed), auc in aucs.items():
+        kind = "oracle" if name == "oracle" else "method"
+        store.record_model(name, kind, {"forget_el10": 0.1 * seed, "retain_ma": 0.9, "mia_loss_auc": auc},
+                           1e10, 1.0, {}, seed=seed)
+    task = {**TASK, "name": "privacy", "forget_metric": "forget_el10", "retain_metric": "retain_ma",
+            "report_metrics": ["forget_el10", "mia_loss_auc", "forget_exposure_r64"]}
+    table = task_table(store, task)
+    assert table.metrics == ["forget_el10", "mia_loss_auc", "privleak_loss"] and table.models == ["oracle", "ku"]
+    assert table.cells[("privleak_loss", "ku")] == pytest.approx([0.55 / 0.50 - 1, 0.60 / 0.40 - 1])
+    assert table.cells[("privleak_loss", "oracle")] == [0.0, 0.0]
+    text = summary_text(store, task)
+    assert "privacy metrics" in text and "privleak_loss" in text and "0.300 [0.100, 0.500]" in text
+    assert "privleak_loss" not in summary_text(store, {**task, "report_metrics": []})

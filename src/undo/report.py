@@ -37,6 +37,7 @@ from scipy import stats
 from .attack_matrix import AttackMatrix, attack_matrix, matrix_note, matrix_table, plot_attack_matrix
 from .errors import UndoError
 from .store import ResultStore, running_worst, worst_case_curve
+from .task_table import TaskTable, task_table, task_table_rows
 
 PLOTS = {"relearning": "relearning.png", "pareto": "pareto.png", "compute": "compute.png", "attacks": "attacks.png"}
 
@@ -468,8 +469,11 @@ def summary_text(store: ResultStore, task: dict[str, Any], early_fraction: float
     matrix = attack_matrix(store, summary.task)
     attacks = (f"\n\nattack matrix: recovered {matrix.metric}, the attacker's best over runs and steps "
                f"({spread_note(summary)})\n{_text_table(*matrix_table(matrix, _cell))}") if matrix.attacks else ""
+    table = task_table(store, summary.task)
+    own = (f"\n\n{summary.task['name']} metrics ({spread_note(summary)})\n"
+           f"{_text_table(*task_table_rows(table, _cell))}") if table.metrics else ""
     gate = f"\n{gate_note(summary)}" if gate_note(summary) else ""
-    return f"{title}{gate}\n{_text_table(*model_table(summary))}{attacks}"
+    return f"{title}{gate}\n{_text_table(*model_table(summary))}{own}{attacks}"
 
 
 def _cell(values: list[float]) -> str:
@@ -481,6 +485,14 @@ def attack_matrix_html(matrix: Optional[AttackMatrix]) -> str:
         return ""
     return (f"<h2>Attack matrix</h2><p class='note'>{html.escape(matrix_note(matrix))}</p>"
             f"{_html_table(*matrix_table(matrix, _cell))}<img src=\"{PLOTS['attacks']}\" alt=\"attack matrix heatmap\">")
+
+
+def task_table_html(table: Optional[TaskTable], task_name: str) -> str:
+    if table is None or not table.metrics:
+        return ""
+    return (f"<h2>{html.escape(task_name)} metrics</h2><p class='note'>The task's further metrics before any "
+            f"attack, mean [min, max] over graph seeds; privleak_* and forget_quality compare each model with "
+            f"the oracle of its seed.</p>{_html_table(*task_table_rows(table, _cell))}")
 
 
 def _html_table(header: list[str], body: list[list[str]]) -> str:
@@ -525,7 +537,8 @@ relative for cross-entropies unless the experiment says otherwise). The step is 
 not training stopped there; "no": never within its step budget.</li></ul>"""
 
 
-def render_html(summary: Summary, stages: list[dict[str, Any]], matrix: Optional[AttackMatrix] = None) -> str:
+def render_html(summary: Summary, stages: list[dict[str, Any]], matrix: Optional[AttackMatrix] = None,
+                table: Optional[TaskTable] = None) -> str:
     task = summary.task
     esc = html.escape
     missing = list(dict.fromkeys(r.name for r in summary.rows if not r.curve))
@@ -547,6 +560,7 @@ def render_html(summary: Summary, stages: list[dict[str, Any]], matrix: Optional
 Graph seeds: {esc(', '.join(map(str, summary.seeds)) or '-')} ({esc(spread_note(summary))}).
 Early step: {summary.early_step}; final step: {summary.final_step}.</p>{note}
 <h2>Models</h2>{models_table}{seeds_table}
+{task_table_html(table, str(task['name']))}
 {attack_matrix_html(matrix)}
 {definitions(summary)}
 <h2>Relearning curves</h2><img src="{PLOTS['relearning']}" alt="worst-case relearning curves">
@@ -584,5 +598,6 @@ def write_report(run_dir: Path, store: ResultStore, task: dict[str, Any], early_
     if matrix.attacks:
         _write_atomic(out / PLOTS["attacks"], _png_bytes(plot_attack_matrix(matrix)))
     index = out / "index.html"
-    _write_atomic(index, render_html(summary, store.stage_times(), matrix).encode("utf-8"))
+    html_text = render_html(summary, store.stage_times(), matrix, task_table(store, summary.task))
+    _write_atomic(index, html_text.encode("utf-8"))
     return index

@@ -46,6 +46,9 @@ class Attack(abc.ABC):
     # metric, read in the task's direction) and, for another metric, whether higher = more recovered.
     matrix_metric: ClassVar[Optional[str]] = None
     matrix_higher_is_better: ClassVar[bool] = True
+    # Whether the attack seed changes anything (data order, samples, search). An attack that is a
+    # function of the model alone (quantization) runs once per model: the first attack seed.
+    seeded: ClassVar[bool] = True
 
     def __init__(self, options: Any):
         self.options = options

@@ -99,6 +99,7 @@ class Quantize(Attack):
     name = "quantize"
     description = "round the weights to int8 / 4-bit (torchao, round-to-nearest) and evaluate (Zhang et al.)"
     Options = QuantizeConfig
+    seeded = False  # round-to-nearest of the weights: nothing random, one run per model and bit width
 
     def points(self) -> list[dict[str, Any]]:
         return [{"bits": b} for b in self.options.bits]

@@ -214,9 +214,10 @@ def _add_attacks(graph: Graph, exp: ExperimentConfig, seed: int) -> None:
         unknown = [t for t in targets if t not in models]
         if unknown:
             raise UndoError(f"attack '{spec.name}': no model named {', '.join(unknown)}; models: {', '.join(models)}")
+        a_seeds = exp.attack_seeds if attack.seeded else exp.attack_seeds[:1]
         for target in targets:
             for point in attack.points():
-                for a_seed in exp.attack_seeds:
+                for a_seed in a_seeds:
                     params = attack_params(exp, attack, spec.name, point, a_seed)
                     node_id = f"seed{seed}/attack/{spec.name}/{target}/{attack.point_label(point)}-as{a_seed}"
                     inputs = {"target": models[target].id, **{r: models[r].id for r in attack.reads if r in models}}

@@ -32,7 +32,8 @@ def task_info(graph: Graph, run_dir: Path) -> dict:
         oracle_flops = result.get("flops")
     return {"name": cls.name, "forget_metric": cls.forget_metric, "retain_metric": cls.retain_metric,
             "higher_is_better": cls.higher_is_better, "metric_label": cls.metric_label,
-            "oracle_pretrain_flops": oracle_flops, "seeds": exp.all_seeds(), "attack_seeds": exp.attack_seeds}
+            "oracle_pretrain_flops": oracle_flops, "seeds": exp.all_seeds(), "attack_seeds": exp.attack_seeds,
+            "report_metrics": list(cls.report_metrics)}
 
 
 def check_task_data(exp: ExperimentConfig) -> None:

@@ -46,6 +46,9 @@ class Task(abc.ABC):
     metric_label: ClassVar[str] = "exact-match accuracy"
     # Part of every cache key: bump it when the task's data or metrics change meaning.
     version: ClassVar[int] = 1
+    # Further `evaluate` keys the report tabulates for every model (mean [min, max] over graph
+    # seeds), beside what `versus_oracle` adds; a key no model has is left out.
+    report_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any, seed: int):
         self.options = options
@@ -69,6 +72,12 @@ class Task(abc.ABC):
         anything. Returns the checks `metrics` (from `evaluate`) missed, one short phrase each
         ("multiplication/equation acc 0.71 < 0.90"); empty when the model passes. Default: no gate."""
         return []
+
+    @classmethod
+    def versus_oracle(cls, metrics: dict[str, float], oracle_metrics: dict[str, float]) -> dict[str, float]:
+        """A model's metrics that need the oracle's of the same graph seed (MUSE's PrivLeak,
+        TOFU's forget quality), from both `evaluate` dicts; the report adds them. Default: none."""
+        return {}
 
     def loss_on(self) -> Literal["completion", "all"]:
         return getattr(self.options, "loss_on", "all")

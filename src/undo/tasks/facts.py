@@ -306,6 +306,21 @@ class FactsTask(Task):
     retain_metric = "model_utility"
     higher_is_better = True
     metric_label = "ROUGE-L recall of forget answers; TOFU model utility"
+    # TOFU's and open-unlearning's table (forget quality joins from versus_oracle).
+    report_metrics = ("forget/acc", "forget_rougeL", "forget/para_acc", "forget/prob", "forget/truth_ratio",
+                      "forget/mcq_acc", "model_utility", "retain/rougeL", "real_authors/rougeL",
+                      "world_facts/rougeL",
+                      # knowledge updates (rows only in runs with update_attributes)
+                      "update/reliability", "update/generality", "update/locality", "update/old_acc")
+
+    @classmethod
+    def versus_oracle(cls, metrics: dict[str, float], oracle_metrics: dict[str, float]) -> dict[str, float]:
+        """TOFU's forget quality: the KS-test p-value of forget truth ratios, model vs oracle
+        (none where either lacks them, e.g. a run evaluated quickly)."""
+        if not any(k.startswith(TRUTH_RATIO_KEY) for k in metrics) or \
+                not any(k.startswith(TRUTH_RATIO_KEY) for k in oracle_metrics):
+            return {}
+        return {"forget_quality": forget_quality(metrics, oracle_metrics)}
 
     def __init__(self, options: FactsOptions, seed: int):
         super().__init__(options, seed)

@@ -362,6 +362,17 @@ class PrivacyTask(Task):
     retain_metric = "retain_ma"
     higher_is_better = True
     metric_label = "EL_10 (forget) / memorisation accuracy (retain)"
+    # The issue's per-method table: memorisation, extraction, exposure per repetition count,
+    # membership inference, perplexity (PrivLeak joins from versus_oracle).
+    report_metrics = ("forget_ma", "forget_el10", "forget_sel10", "unseen_el10", "retain_el10",
+                      *(f"forget_exposure_r{r}" for r in (1, 4, 16, 64)), "unseen_exposure",
+                      "forget_canary_extract", "forget_span_extract",
+                      *(f"mia_{a}_auc" for a in pm.MIA_ATTACKS), "retain_ppl", "unseen_ppl")
+
+    @classmethod
+    def versus_oracle(cls, metrics: dict[str, float], oracle_metrics: dict[str, float]) -> dict[str, float]:
+        """MUSE's PrivLeak per membership attack (0: the oracle's level)."""
+        return pm.privleak_metrics(metrics, oracle_metrics)
 
     def __init__(self, options: PrivacyOptions, seed: int):
         super().__init__(options, seed)
