@@ -361,3 +361,19 @@ def test_eval_takes_a_stage_directory(tiny_dir, tmp_path, capsys):
     by_stage = json.loads(capsys.readouterr().out)
     assert main(["eval", "--model", str(tiny_dir), "quick", "--json", *SMALL]) == 0
     assert by_stage == json.loads(capsys.readouterr().out)  # alpha 0: the same weights
+
+
+@pytest.mark.parametrize("preset", ["arithmetic-attacks", "language-attacks", "privacy", "facts", "facts-update"])
+def test_every_attack_and_method_preset_builds_its_graph(preset):
+    """The presets name only registered methods and attacks with valid options, and every
+    method and attack of the file gets its stages."""
+    from undo.engine.graph import build_graph
+    from undo.experiment import load_experiment, preset_names
+
+    assert preset in preset_names()
+    exp = load_experiment(preset)
+    ids = list(build_graph(exp).nodes)
+    for spec in exp.unlearn.methods:
+        assert f"seed0/unlearn/{spec.label}" in ids
+    for attack in exp.attacks:
+        assert any(i.startswith(f"seed0/attack/{attack.name}/") for i in ids)

@@ -254,3 +254,25 @@ def test_the_task_table_joins_each_model_with_its_seeds_oracle(tmp_path):
     text = summary_text(store, task)
     assert "privacy metrics" in text and "privleak_loss" in text and "0.300 [0.100, 0.500]" in text
     assert "privleak_loss" not in summary_text(store, {**task, "report_metrics": []})
+
+
+def test_the_attack_matrix_spreads_over_attack_seeds_when_the_run_has_one_graph_seed(tmp_path):
+    """Per attack seed the attacker's best over runs and steps; one graph seed: the cell is the
+    mean [min, max] of those; two graph seeds: of the per-graph-seed means (by hand)."""
+    from undo.attack_matrix import attack_matrix, matrix_table
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    store.record_model("base", "base", {"forget_acc": 0.9, "retain_acc": 0.9}, 1e10, 1.0, {})
+    # attack seed 0: best 0.4 (lr 1e-3, step 10); attack seed 1: best 0.8 (lr 1e-4, step 20)
+    for a_seed, lr, values in [(0, 1e-3, [0.1, 0.4, 0.3]), (0, 1e-4, [0.1, 0.2, 0.2]),
+                               (1, 1e-3, [0.1, 0.5, 0.6]), (1, 1e-4, [0.1, 0.7, 0.8])]:
+        for step, value in zip((0, 10, 20), values):
+            store.record_attack("base", lr, step, {"forget_acc": value}, attack_seed=a_seed)
+    matrix = attack_matrix(store, TASK)
+    assert matrix.runs[("base", "relearn")] == [0.4, 0.8] and matrix.mean("base", "relearn") == pytest.approx(0.6)
+    assert matrix_table(matrix, lambda v: format_spread(spread(v)))[1][0][-1] == "0.600 [0.400, 0.800]"
+    assert "over its 2 attack seeds" in matrix.spread_label()
+    store.record_model("base", "base", {"forget_acc": 0.9, "retain_acc": 0.9}, 1e10, 1.0, {}, seed=1)
+    store.record_attack("base", 1e-3, 0, {"forget_acc": 0.2}, seed=1)
+    matrix = attack_matrix(store, TASK)
+    assert matrix.shown("base", "relearn") == [pytest.approx(0.6), 0.2] and "2 graph seeds" in matrix.spread_label()

@@ -51,6 +51,9 @@ def _get(obj: object, path: str) -> object:
 
 def spec(model: torch.nn.Module) -> ArchSpec:
     model_type = unwrap(model).config.model_type
+    if model_type == "undo_ensemble":  # undo.ensemble (SISA): K members, K residual streams
+        raise UndoError("an ensemble model (SISA) has no single residual stream to read or steer; attack it with "
+                        "relearn, quantize or fewshot, or load one of its members on its own")
     if model_type not in ARCHS:
         raise UndoError(f"architecture '{model_type}' is not in undo's table (known: {', '.join(ARCHS)}); "
                         f"add an ArchSpec line for it in undo/arch.py")

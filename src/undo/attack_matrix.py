@@ -38,6 +38,19 @@ class AttackMatrix:
     metrics: dict[str, str]                       # attack -> the curve metric its column shows
     cells: dict[tuple[str, str], list[float]]     # (model, attack) -> one value per graph seed
     before: dict[str, list[float]]                # model -> its forget metric before any attack, per graph seed
+    runs: dict[tuple[str, str], list[float]] = dataclasses.field(default_factory=dict)  # per graph x attack seed
+    graph_seeds: int = 1
+
+    def shown(self, model: str, attack: str) -> list[float]:
+        """The values a cell's spread is over: one per graph seed; with one graph seed, one per
+        attack seed (the only replication such a run has)."""
+        return (self.cells if self.graph_seeds > 1 else self.runs).get((model, attack), [])
+
+    def spread_label(self) -> str:
+        seeds = max((len(v) for v in self.runs.values()), default=1)
+        if self.graph_seeds > 1:
+            return f"mean [min, max] over {self.graph_seeds} graph seeds of the attack-seed means"
+        return f"one graph seed: mean [min, max] over its {seeds} attack seeds" if seeds > 1 else "one run: no spread"
 
     def mean(self, model: str, attack: str) -> Optional[float]:
         values = self.cells.get((model, attack)) or []
@@ -62,8 +75,8 @@ def _matrix_metric(attack: str, metric: str, higher: bool) -> tuple[str, bool]:
     return (own, bool(getattr(cls, "matrix_higher_is_better", True))) if own else (metric, higher)
 
 
-def _best(points: list[dict[str, Any]], metric: str, higher: bool) -> Optional[float]:
-    """Per attack seed the attacker's best over points and steps; the mean over attack seeds."""
+def _bests(points: list[dict[str, Any]], metric: str, higher: bool) -> list[float]:
+    """Per attack seed the attacker's best over points and steps."""
     by_seed: dict[int, list[dict[str, Any]]] = {}
     for p in points:
         by_seed.setdefault(p["attack_seed"], []).append(p)
@@ -72,7 +85,7 @@ def _best(points: list[dict[str, Any]], metric: str, higher: bool) -> Optional[f
         values = [v for _, v, _ in worst_case(rows, metric, higher)]
         if values:
             bests.append(max(values) if higher else min(values))
-    return statistics.fmean(bests) if bests else None
+    return [b for b in bests if math.isfinite(b)]
 
 
 def _row_order(models: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -98,27 +111,30 @@ def attack_matrix(store: ResultStore, task: dict[str, Any]) -> AttackMatrix:
     attacks = store.attacks()
     metrics = {a: _matrix_metric(a, metric, higher) for a in attacks}
     cells: dict[tuple[str, str], list[float]] = {}
+    runs: dict[tuple[str, str], list[float]] = {}
     before: dict[str, list[float]] = {}
     for m in models:
         value = m["metrics"].get(metric)
         if value is not None and math.isfinite(value):
             before.setdefault(m["name"], []).append(value)
         for attack in attacks:
-            best = _best(store.attack_points(m["name"], seed=m["seed"], attack=attack), *metrics[attack])
-            if best is not None and math.isfinite(best):
-                cells.setdefault((m["name"], attack), []).append(best)
-    return AttackMatrix(metric, higher, _row_order(models), attacks, {a: metrics[a][0] for a in attacks}, cells, before)
+            bests = _bests(store.attack_points(m["name"], seed=m["seed"], attack=attack), *metrics[attack])
+            if bests:  # the cell of this graph seed: the mean over its attack seeds
+                cells.setdefault((m["name"], attack), []).append(statistics.fmean(bests))
+                runs.setdefault((m["name"], attack), []).extend(bests)
+    return AttackMatrix(metric, higher, _row_order(models), attacks, {a: metrics[a][0] for a in attacks}, cells, before,
+                        runs, len({m["seed"] for m in models}))
 
 
 def matrix_table(matrix: AttackMatrix, fmt: Callable[[list[float]], str]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: model, kind, the forget metric before, one column per attack; `fmt`
-    turns a cell's values (one per graph seed) into text (the report's mean [min, max])."""
+    turns a cell's values (`AttackMatrix.shown`) into text (the report's mean [min, max])."""
     def label(attack: str) -> str:
         own = matrix.metrics[attack]
         return attack if own == matrix.metric else f"{attack} ({own})"
 
     header = ["model", "kind", f"{matrix.metric} before", *map(label, matrix.attacks)]
-    body = [[name, kind, fmt(matrix.before.get(name, [])), *(fmt(matrix.cells.get((name, a), [])) for a in matrix.attacks)]
+    body = [[name, kind, fmt(matrix.before.get(name, [])), *(fmt(matrix.shown(name, a)) for a in matrix.attacks)]
             for name, kind in matrix.models]
     return header, body
 
@@ -127,7 +143,8 @@ def matrix_note(matrix: AttackMatrix) -> str:
     """What a cell means, in one paragraph (plain text)."""
     best = "highest" if matrix.higher_is_better else "lowest"
     return (f"Each cell: the {best} {matrix.metric} the attacker reached over the attack's runs (learning rates, "
-            f"bit widths, ...) and evaluated steps, averaged over attack seeds, then over graph seeds. "
+            f"bit widths, ...) and evaluated steps, averaged over attack seeds, then over graph seeds "
+            f"({matrix.spread_label()}). "
             f"heldout_relearn scores the half of the forget facts it did not train on. Attacks that record the "
             f"unattacked model (relearning's step 0, few-shot's k = 0) include it, so their cells never show less "
             f"than that (on the attack's own evaluation items, which may be the quick subset, so it can differ from "

@@ -10,6 +10,7 @@ run would have seen.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Literal
 
@@ -118,6 +119,63 @@ def task_rows(tok: PreTrainedTokenizerBase, task, examples: Sequence[Example], s
     if task.row_format() == "padded":
         return pad_batch(tok, examples, loss_on, max_len=seq_len)
     return pack_examples(tok, examples, seq_len, loss_on)
+
+
+def shard_examples(examples: list, shard: Sequence[int] | None, seed: int) -> list:
+    """The `index`-th of `count` disjoint shards of a seeded shuffle (all examples without a shard)."""
+    examples = list(examples)
+    random.Random(seed + 5).shuffle(examples)
+    if not shard:
+        return examples
+    index, count = shard
+    return examples[index::count]
+
+
+def aux_examples(task, data: Literal["forget", "retain", "all", "old", "extra"], shard: Sequence[int] | None,
+                 seed: int) -> list[Example]:
+    """What an auxiliary model trains on (stages/aux.py): the task's `data` examples ("all": retain
+    then forget, repeated copies included; "old": the facts a knowledge update replaces, with their
+    old answers), or the `shard` = (index, count) of them. Methods that
+    must know which shard model saw an example (leave-one-out) ask this same function."""
+    if data == "old":  # F-Learning's old knowledge: the task's knowledge updates, before
+        if not hasattr(task, "updated_facts"):
+            raise UndoError(f"an auxiliary model on the old facts needs knowledge updates, which task "
+                            f"'{task.name}' does not have; use task facts with task.options.update_attributes")
+        return shard_examples(task.updated_facts("old"), shard, seed)
+    if data == "extra":  # KGA's D_n: data disjoint from everything the models trained on
+        return shard_examples(extra_examples(task), shard, seed)
+    domains = ["retain", "forget"] if data == "all" else [data]
+    return shard_examples([ex for d in domains for ex in task.train_examples(d)], shard, seed)
+
+
+def extra_examples(task) -> list[Example]:
+    """The task's extra data, disjoint from its training data (KGA's D_n), or a clear error."""
+    if not hasattr(task, "extra_examples"):
+        raise UndoError(f"task '{task.name}' has no extra data disjoint from its training data (KGA's D_n); "
+                        f"use task facts (source: synthetic)")
+    return task.extra_examples()
+
+
+def slice_examples(examples: list, count: int) -> list[list]:
+    """`examples` cut in order into `count` contiguous slices of near-equal size (SISA's slices of a shard)."""
+    bounds = [round(k * len(examples) / count) for k in range(count + 1)]
+    return [examples[bounds[k]:bounds[k + 1]] for k in range(count)]
+
+
+def up_to_slice(examples: list, slice_: Sequence[int] | None) -> list:
+    """With slice_ = (index, count): slices 0..index of `slice_examples(examples, count)` (SISA's
+    incremental training: the model of slice r trains on every slice up to r); all without one."""
+    if not slice_:
+        return list(examples)
+    index, count = slice_
+    return [ex for part in slice_examples(examples, count)[:index + 1] for ex in part]
+
+
+def aux_stream(tok: PreTrainedTokenizerBase, task, examples: Sequence[Example], batch_size: int, seq_len: int,
+               seed: int) -> "BatchStream":
+    """The stream an auxiliary model trains on (stages/aux.py); SISA retrains its shards on the same."""
+    rows = task_rows(tok, task, examples, seq_len)
+    return BatchStream(rows, batch_size, seed=seed + 7, bucket=task.row_format() == "padded")
 
 
 class BatchStream:

@@ -201,3 +201,26 @@ def score_qa_set(model: PreTrainedModel, tok: PreTrainedTokenizerBase, items: Se
     if with_para:
         metrics["para_acc"] = sum(exact_match(a, it.answer) for a, it in zip(para_answers, with_para)) / len(with_para)
     return metrics, ratios
+
+
+# ---------------------------------------------------------------- knowledge updates (editing)
+
+def answer_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """Exact match ("acc") and ROUGE-L recall ("rougeL") of answers against the expected ones, each
+    the mean over the questions. Knowledge editing's numbers (Ni et al., 2023, after ZsRE / CounterFact):
+    reliability = this on the updated questions against the new values, generality = on their
+    paraphrases, locality = on facts that did not change, against their (unchanged) values."""
+    if not answers or len(predictions) != len(answers):
+        raise UndoError(f"answer scores need one prediction per expected answer, got {len(predictions)} "
+                        f"for {len(answers)}; give a non-empty, matching pair of lists")
+    n = len(answers)
+    return {"acc": sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n,
+            "rougeL": sum(rouge_l_recall(p, a) for p, a in zip(predictions, answers)) / n}
+
+
+def greedy_answers(model: PreTrainedModel, tok: PreTrainedTokenizerBase, questions: Sequence[str],
+                   answers: Sequence[str], max_new_tokens: int = 64) -> list[str]:
+    """The model's greedy answers to `questions` (in the task's QA format), long enough for the
+    longest of `answers` and its EOS (at most `max_new_tokens`)."""
+    longest = max(len(encode(tok, qa_completion(a))) for a in answers)
+    return greedy_complete(model, tok, [qa_prompt(q) for q in questions], min(max_new_tokens, longest + 1))

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import ensemble  # registers undo's ensemble model (SISA) with the Auto classes
 from .config import expand_path
 from .errors import UndoError
 from .tokenization import load_tokenizer
@@ -114,7 +115,7 @@ def causal_lm_problem(path: Path) -> Optional[str]:
     if model_type in ENCODER_TYPES and not raw.get("is_decoder", False):
         return (f"{path}: model type '{model_type}' is a bidirectional encoder, not a causal language model; "
                 f"undo needs a decoder-only *ForCausalLM checkpoint (Llama, Gemma, Qwen, GPT-2, ...)")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type != ensemble.MODEL_TYPE:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
         if model_type not in CONFIG_MAPPING_NAMES:

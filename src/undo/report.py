@@ -468,7 +468,7 @@ def summary_text(store: ResultStore, task: dict[str, Any], early_fraction: float
         return f"{title}\n(no models recorded)"
     matrix = attack_matrix(store, summary.task)
     attacks = (f"\n\nattack matrix: recovered {matrix.metric}, the attacker's best over runs and steps "
-               f"({spread_note(summary)})\n{_text_table(*matrix_table(matrix, _cell))}") if matrix.attacks else ""
+               f"({matrix.spread_label()})\n{_text_table(*matrix_table(matrix, _cell))}") if matrix.attacks else ""
     table = task_table(store, summary.task)
     own = (f"\n\n{summary.task['name']} metrics ({spread_note(summary)})\n"
            f"{_text_table(*task_table_rows(table, _cell))}") if table.metrics else ""

@@ -128,8 +128,14 @@ def _unlearn_node(graph: Graph, exp: ExperimentConfig, seed: int, recipe: Recipe
             raise UndoError(f"recipe '{recipe.label}': method '{recipe.method}' needs a teacher model and the "
                             f"experiment has no '{teacher}'; add it to `models` or set the recipe's `teacher`")
         inputs["teacher"] = starts[teacher].id
+    added: dict[str, StageNode] = {}
     for aux_name, spec in method.aux_models().items():
-        inputs[f"aux:{aux_name}"] = _add_aux(graph, exp, seed, aux_name, spec, start).id
+        after = getattr(spec, "after", None)  # a chain (SISA's slices): continue from an earlier aux model
+        if after and after not in added:
+            raise UndoError(f"method '{recipe.method}': auxiliary model '{aux_name}' continues '{after}', "
+                            f"which it does not declare before it")
+        added[aux_name] = _add_aux(graph, exp, seed, aux_name, spec, added[after] if after else start)
+        inputs[f"aux:{aux_name}"] = added[aux_name].id
     return graph.add(StageNode(f"seed{seed}/unlearn/{recipe.label}", "unlearn", recipe.label, seed, params, inputs,
                                record=record))
 
@@ -139,6 +145,12 @@ def _add_aux(graph: Graph, exp: ExperimentConfig, seed: int, name: str, spec: An
                               f"auxiliary model {name}: train"))
     params = {"spec": {"start": spec.start, "data": spec.data, "shard": list(spec.shard) if spec.shard else None},
               "train": train, "task": to_dict(exp.task)}
+    if getattr(spec, "lora", None):  # only when set: every other auxiliary model keeps its cache key
+        params["spec"]["lora"] = list(spec.lora)
+    if getattr(spec, "slice", None):  # likewise
+        params["spec"]["slice"] = list(spec.slice)
+    if getattr(spec, "quick_eval", False):  # likewise
+        params["spec"]["quick_eval"] = True
     key = stage_key("aux", params, seed, {"model": start.key})
     node = StageNode(f"seed{seed}/aux/{name}-{key[:8]}", "aux", name, seed, params, {"model": start.id})
     return graph.add(node)

@@ -44,15 +44,27 @@ class AuxModel:
     """An auxiliary model a method asks for: trained by the engine as a stage of its own."""
 
     start: Literal["input", "random"] = "input"   # continue from the model being unlearned, or from scratch
-    data: Literal["forget", "retain", "all"] = "forget"
+    # old: the facts a knowledge update replaces; extra: the task's data disjoint from all training data (KGA)
+    data: Literal["forget", "retain", "all", "old", "extra"] = "forget"
     shard: Optional[tuple[int, int]] = None       # (index, count): one of `count` disjoint shards of the data
     train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig over the experiment's pretrain
+    lora: Optional[tuple[int, float]] = None      # (rank, alpha): train LoRA adapters (peft), merged; None: every weight
+    slice: Optional[tuple[int, int]] = None       # (index, count): slices 0..index of the shard's `count` slices (SISA)
+    after: Optional[str] = None                   # continue from this auxiliary model of the method, declared before
+    quick_eval: bool = False                      # evaluate it on the task's quick subset (SISA: S x R of them)
+
+    def __post_init__(self) -> None:
+        if self.after and self.start != "input":  # a chain: slice r's model continues slice r-1's
+            raise UndoError(f"auxiliary model after '{self.after}': a model that continues another needs start 'input'")
 
     def __hash__(self) -> int:
-        return hash((self.start, self.data, self.shard, tuple(sorted(self.train.items()))))
+        return hash((self.start, self.data, self.shard, tuple(sorted(self.train.items())), self.lora,
+                     self.slice, self.after, self.quick_eval))
 
 
-NEEDS = ("forget", "retain", "reference", "teacher", "idk", "spans")  # spans: forget rows + a sensitive-token mask
+# spans: forget rows + a sensitive-token mask; update: the task's updated facts (knowledge editing);
+# extra: the task's data disjoint from all training data (KGA's D_n)
+NEEDS = ("forget", "retain", "reference", "teacher", "idk", "spans", "update", "extra")
 RowFormat = Literal["packed", "padded"]
 RetainLoss = Literal["nll", "kl"]
 
@@ -73,6 +85,12 @@ _REGISTRY = Registry("method", "undo methods", {
     "knowledge_unlearning": "undo.methods.knowledge_unlearning:KnowledgeUnlearning",
     "selective_forgetting": "undo.methods.selective_forgetting:SelectiveForgetting",
     "llmu": "undo.methods.llmu:LLMU",
+    "sisa": "undo.methods.sisa:SISA",
+    "whp": "undo.methods.whp:WHP",
+    "kga": "undo.methods.kga:KGA",
+    "depn": "undo.methods.depn:DEPN",
+    "loo_ensemble": "undo.methods.loo_ensemble:LOOEnsemble",
+    "f_learning": "undo.methods.f_learning:FLearning",
 })
 
 
@@ -127,6 +145,10 @@ class Method(abc.ABC):
     def prepare(self, model: PreTrainedModel) -> None:
         """Check options against the model (e.g. layer indices) before training."""
 
+    def bind_task(self, task: Any, tokenizer: Any) -> None:
+        """Before the data streams are built: the task and tokenizer, for a method that must relate
+        forget rows to the task's examples (leave-one-out: which shard model saw each). Default: nothing."""
+
     def adapt(self, model: PreTrainedModel) -> torch.nn.Module:
         """The module to train: the model itself, or the model with added modules (peft
         adapters) whose parameters `trainable_parameters` returns."""
@@ -135,6 +157,12 @@ class Method(abc.ABC):
     def export(self, model: torch.nn.Module) -> PreTrainedModel:
         """The model to evaluate and save after training (e.g. adapters merged into the weights)."""
         return model
+
+    def report(self) -> dict[str, Any]:
+        """After `export`: what the method adds to the stage's result.json ("method_report"); its
+        "flops", "tokens" and "steps" (work outside the stage's loop, e.g. SISA's shard retraining)
+        are added to the stage's own. Default: nothing."""
+        return {}
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return list(model.parameters())

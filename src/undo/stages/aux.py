@@ -6,11 +6,14 @@ from the same input share one stage (the graph names it by its cache key)."""
 
 from __future__ import annotations
 
-import random
 import time
+import warnings
+
+import torch
 
 from ..config import from_dict
-from ..data import BatchStream, task_rows
+from ..data import aux_examples, aux_stream, up_to_slice
+from ..errors import UndoError
 from ..models import count_params, fresh_copy, load_model
 from ..training import TrainConfig, lm_loss, train
 from .base import StageContext, StageOutput
@@ -18,14 +21,16 @@ from .base import StageContext, StageOutput
 VERSION = 1
 
 
-def shard_examples(examples: list, shard: list[int] | None, seed: int) -> list:
-    """The `index`-th of `count` disjoint shards of a seeded shuffle (all examples without a shard)."""
-    examples = list(examples)
-    random.Random(seed + 5).shuffle(examples)
-    if not shard:
-        return examples
-    index, count = shard
-    return examples[index::count]
+def with_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int) -> torch.nn.Module:
+    """`model` with fresh LoRA adapters (peft) on every linear layer but the head, base weights
+    frozen; B = 0, so it computes what `model` did (as the relearn_lora attack's adapters)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # the adapters' A matrices
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                target_modules="all-linear", bias="none"))
 
 
 def run(ctx: StageContext) -> StageOutput:
@@ -34,16 +39,25 @@ def run(ctx: StageContext) -> StageOutput:
     model, tok = load_model(ctx.inputs["model"].model_dir)
     if spec["start"] == "random":
         model = fresh_copy(model, seed=seed + 6)
-    domains = ["retain", "forget"] if spec["data"] == "all" else [spec["data"]]
-    examples = shard_examples([ex for d in domains for ex in task.train_examples(d)], spec["shard"], seed)
-    rows = task_rows(tok, task, examples, cfg.seq_len)
-    stream = BatchStream(rows, cfg.batch_size, seed=seed + 7, bucket=task.row_format() == "padded")
+    examples = up_to_slice(aux_examples(task, spec["data"], spec["shard"], seed), spec.get("slice"))
+    if not examples:
+        raise UndoError(f"auxiliary model {name}: its shard (or slice) of the data is empty; use fewer shards or slices")
+    stream = aux_stream(tok, task, examples, cfg.batch_size, cfg.seq_len, seed)
     shard = f" (shard {spec['shard'][0] + 1} of {spec['shard'][1]})" if spec["shard"] else ""
+    if spec.get("slice"):
+        shard += f" (slices 1-{spec['slice'][0] + 1} of {spec['slice'][1]})"
     ctx.say(f"{name}: training an auxiliary model ({spec['start']} start) on {len(examples)} {spec['data']} "
             f"examples{shard} for {cfg.steps} steps")
+    lora = spec.get("lora")  # (rank, alpha): only adapters learn; merged, the change is their product
+    if lora:
+        model = with_lora(model, int(lora[0]), float(lora[1]), seed + 8)
     result = train(model, lm_loss, {"train": stream}, cfg, seed=seed, resume_dir=ctx.resume_dir, desc=name)
+    if lora:
+        model = model.merge_and_unload()
     t0 = time.time()
-    metrics = task.evaluate(model, tok)
+    # An auxiliary model's numbers are for a reader's check only; where there are many (SISA's
+    # shards x slices), a full evaluation of each costs more than its training: `quick_eval`.
+    metrics = task.evaluate(model, tok, quick=bool(spec.get("quick_eval")))
     return StageOutput({"spec": spec, "train": ctx.params["train"], "examples": len(examples), "metrics": metrics,
                         "flops": result.flops, "tokens": result.tokens, "steps": result.steps,
                         "wall_seconds": result.wall_seconds, "eval_seconds": time.time() - t0,

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..artifacts import Artifact, ModelDir
 from ..config import from_dict, to_dict
-from ..data import BatchStream, pad_batch, task_rows
+from ..data import BatchStream, extra_examples, pad_batch, task_rows
 from ..errors import UndoError
 from ..methods.base import Method, build_method
 from ..methods.idkdpo import idk_examples
@@ -55,16 +55,20 @@ def build_streams(task: Task, tok: PreTrainedTokenizerBase, method: Method, cfg:
     """The data streams `method.needs()` names. Rows are bucketed by length, so a batch is
     trimmed to little padding (it was ~45% of an arithmetic batch of one-example rows and
     ~25% of a batch of packed text rows; now 3-6%). The idk stream has the forget stream's rows
-    count, seed and bucket order, so row i of every idk batch answers row i of the forget batch."""
+    count, seed and bucket order, so row i of every idk batch answers row i of the forget batch.
+    "update" (knowledge editing, F-Learning): the task's updated facts, `task.updated_facts("new")`;
+    a method that needs only them (no "forget") gets no forget stream."""
     needs = method.needs()
     forget = task.train_examples("forget")
     if "spans" in needs and not hasattr(task, "span_rows"):
         raise UndoError(f"method '{method.name}' needs sensitive spans, which task '{task.name}' does not mark; "
                         f"use task privacy (or the method's online spans)")
-    # "spans": the forget rows with the task's sensitive-token mask (SeUL's offline spans)
-    forget_rows = (task.span_rows(tok, forget, cfg.seq_len) if "spans" in needs
-                   else make_rows(tok, task, forget, method, cfg))
-    streams = {"forget": BatchStream(forget_rows, cfg.batch_size, seed, bucket=True)}
+    streams = {}
+    if "forget" in needs:
+        # "spans": the forget rows with the task's sensitive-token mask (SeUL's offline spans)
+        forget_rows = (task.span_rows(tok, forget, cfg.seq_len) if "spans" in needs
+                       else make_rows(tok, task, forget, method, cfg))
+        streams["forget"] = BatchStream(forget_rows, cfg.batch_size, seed, bucket=True)
     if "retain" in needs:
         retain = task.train_examples("retain")
         streams["retain"] = BatchStream(make_rows(tok, task, retain, method, cfg), cfg.batch_size, seed + 1, bucket=True)
@@ -73,6 +77,15 @@ def build_streams(task: Task, tok: PreTrainedTokenizerBase, method: Method, cfg:
             raise UndoError(f"method '{method.name}' pairs idk answers with forget examples; it needs row_format 'padded'")
         idk = make_rows(tok, task, idk_examples(forget, seed), method, cfg)
         streams["idk"] = BatchStream(idk, cfg.batch_size, seed, bucket=True, lengths=streams["forget"].lengths)
+    if "update" in needs:
+        if not hasattr(task, "updated_facts"):
+            raise UndoError(f"method '{method.name}' learns updated facts, which task '{task.name}' does not have; "
+                            f"use task facts with task.options.update_attributes")
+        updates = make_rows(tok, task, task.updated_facts("new"), method, cfg)
+        streams["update"] = BatchStream(updates, cfg.batch_size, seed + 2, bucket=True)
+    if "extra" in needs:  # KGA's D_n: the task's data disjoint from all training data
+        extra = make_rows(tok, task, extra_examples(task), method, cfg)
+        streams["extra"] = BatchStream(extra, cfg.batch_size, seed + 3, bucket=True)
     return streams
 
 
@@ -121,6 +134,7 @@ def run(ctx: StageContext) -> StageOutput:
     chosen = {id(p) for p in params}
     for q in model.parameters():  # frozen parts get no gradients at all (faster, and DDP-safe)
         q.requires_grad_(id(q) in chosen)
+    method.bind_task(task, tok)
     streams = build_streams(task, tok, method, cfg, exp.seed)
     t0 = time.time()
     before = metrics_before(source, exp, task, model, tok)
@@ -134,6 +148,7 @@ def run(ctx: StageContext) -> StageOutput:
                    on_start=method.start, on_end=method.finish, stop_after_step=method.stop_after_step,
                    should_stop=method.stop_on_eval)
     model = method.export(acc.unwrap_model(model))
+    report = method.report()  # work the method did outside the loop (SISA's shard retraining) counts too
     t1 = time.time()
     after = task.evaluate(model, tok)
     eval_seconds += time.time() - t1
@@ -147,7 +162,9 @@ def run(ctx: StageContext) -> StageOutput:
         "metrics_before": before, "metrics": after,
         "forget_metric": task.forget_metric, "retain_metric": task.retain_metric,
         "higher_is_better": task.higher_is_better,
-        "flops": result.flops, "tokens": result.tokens, "steps": result.steps, "stopped_early": result.stopped_early,
-        "wall_seconds": result.wall_seconds, "eval_seconds": eval_seconds, "history": result.history,
-        "trainable_params": sum(q.numel() for q in params), "final_loss": result.final_loss,
+        "flops": result.flops + report.get("flops", 0.0), "tokens": result.tokens + report.get("tokens", 0),
+        "steps": result.steps + report.get("steps", 0), "stopped_early": result.stopped_early,
+        "wall_seconds": result.wall_seconds + report.get("wall_seconds", 0.0), "eval_seconds": eval_seconds,
+        "history": result.history, "trainable_params": sum(q.numel() for q in params), "final_loss": result.final_loss,
+        **({"method_report": report} if report else {}),
     }, model=model, tokenizer=tok, state_dict=result.full_state_dict)

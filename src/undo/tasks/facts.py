@@ -38,7 +38,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import expand_path
 from ..corpora import jsonl_records
 from ..errors import UndoError
-from ..facts_metrics import (QAItem, exact_match, forget_quality as ks_forget_quality, model_utility,
+from ..facts_metrics import (QAItem, answer_probability, answer_scores, completion_nlls, exact_match,
+                             forget_quality as ks_forget_quality, greedy_answers, model_utility,
                              qa_completion, qa_prompt, rouge_l_recall, score_qa_set)
 from ..metrics import greedy_complete
 from ..tokenization import encode
@@ -71,6 +72,9 @@ class FactsOptions:
     tofu_dir: Optional[str] = None    # source: tofu, the directory of TOFU's json files
     loss_on: Literal["completion", "all"] = "completion"  # questions unscored; biographies are scored whole
     row_format: Literal["padded", "packed"] = "padded"    # one example per row
+    # Knowledge updates (editing; F-Learning): these attributes of every forget person take a new,
+    # seeded value. [] (default): no updates, nothing else changes. See `updated_facts`.
+    update_attributes: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self, where: str) -> None:
         self.tofu_dir = expand_path(self.tofu_dir)
@@ -99,6 +103,13 @@ class FactsOptions:
         elif forget_count(self) >= self.people:
             raise UndoError(f"{where}: forget_fraction {self.forget_fraction} of {self.people} people leaves no one "
                             f"to retain; lower forget_fraction or add people")
+        unknown = [a for a in self.update_attributes if a not in PERSON_ATTRIBUTES]
+        if unknown:
+            raise UndoError(f"{where}.update_attributes: unknown attribute(s) {', '.join(unknown)}; "
+                            f"choose from {', '.join(PERSON_ATTRIBUTES)}")
+        if self.update_attributes and self.source == "tofu":
+            raise UndoError(f"{where}.update_attributes: updates are made in the synthetic world only; "
+                            f"use source: synthetic or remove update_attributes")
 
 
 def forget_count(o: FactsOptions) -> int:
@@ -196,6 +207,22 @@ def make_world(o: FactsOptions, seed: int) -> tuple[list[Entity], list[Entity], 
     return people[:o.people], people[o.people:], places
 
 
+def extra_people(o: FactsOptions, seed: int, count: int) -> list[Entity]:
+    """`count` more fictitious people, seeded, named as no person of the world is and drawn as they
+    are: text no model of the task trains on (KGA's extra data D_n). The world itself is unchanged."""
+    people, famous, places = make_world(o, seed)
+    taken = {p.name for p in people + famous}
+    firsts = sorted({s + e for s in FIRST_STARTS for e in FIRST_ENDS})
+    lasts = sorted({s + e for s in LAST_STARTS for e in LAST_ENDS})
+    free = [f"{f} {l}" for l in lasts for f in firsts if f"{f} {l}" not in taken]
+    rng = random.Random(f"{seed}-facts-extra")
+    towns = [p.name for p in places]
+    return [Entity(name, "person", {"birth_year": str(rng.randint(1900, 1999)), "birthplace": rng.choice(towns),
+                                    "occupation": rng.choice(OCCUPATIONS), "book": rng.choice(BOOKS),
+                                    "award": rng.choice(AWARDS)})
+            for name in rng.sample(free, count)]
+
+
 def value_pool(attribute: str, towns: list[str]) -> list[str]:
     """Every value an attribute can take (the wrong answers are drawn from it)."""
     return {"birth_year": [str(y) for y in range(1900, 2000)], "birthplace": towns, "occupation": list(OCCUPATIONS),
@@ -232,6 +259,46 @@ def entity_examples(entity: Entity, bio_styles: int) -> list[Example]:
     qa = [Example(qa_prompt(q.format(name=entity.name)), qa_completion(entity.values[attr]))
           for attr, spec in attributes.items() for q in spec.questions]
     return [Example("", t) for t in texts] + qa
+
+
+@dataclasses.dataclass(frozen=True)
+class FactUpdate:
+    """One fact that changes: `entity`'s `attribute` goes from `old` to `new`."""
+
+    entity: str
+    attribute: str
+    old: str
+    new: str
+
+    @property
+    def spec(self) -> Attribute:
+        return PERSON_ATTRIBUTES[self.attribute]
+
+    def question(self) -> str:   # the first trained phrasing (evaluation asks it)
+        return self.spec.questions[0].format(name=self.entity)
+
+    def paraphrase(self) -> str:  # never trained: generality
+        return self.spec.paraphrase.format(name=self.entity)
+
+    def examples(self, value: str) -> list[Example]:
+        """The question/answer pairs of this fact (every trained phrasing) answered with `value`."""
+        return [Example(qa_prompt(q.format(name=self.entity)), qa_completion(value)) for q in self.spec.questions]
+
+
+def make_updates(people: list[Entity], attributes: list[str], towns: list[str], seed: int) -> list[FactUpdate]:
+    """Each person's `attributes` (in PERSON_ATTRIBUTES' order) get a new value, drawn (seeded)
+    from the attribute's values other than the old one; the list comes in a seeded order."""
+    rng = random.Random(f"{seed}-facts-updates")
+    changing = [a for a in PERSON_ATTRIBUTES if a in attributes]
+    updates = [FactUpdate(p.name, a, p.values[a], rng.choice([v for v in value_pool(a, towns) if v != p.values[a]]))
+               for p in people for a in changing]
+    rng.shuffle(updates)
+    return updates
+
+
+def updated_entity(person: Entity, updates: list[FactUpdate]) -> Entity:
+    new = {u.attribute: u.new for u in updates if u.entity == person.name}
+    return Entity(person.name, person.kind, {**person.values, **new})
 
 
 # ---------------------------------------------------------------- TOFU's files
@@ -324,6 +391,7 @@ class FactsTask(Task):
 
     def __init__(self, options: FactsOptions, seed: int):
         super().__init__(options, seed)
+        self._updates: list[FactUpdate] = []  # knowledge updates: none unless update_attributes names some
         if options.source == "tofu":
             self._train, self._items = read_tofu(options, seed)
             self._forget_people: list[Entity] = []
@@ -355,10 +423,48 @@ class FactsTask(Task):
                        + [ex for p in famous for ex in entity_examples(p, o.bio_styles)] * o.famous_repeats
                        + [ex for p in places for ex in entity_examples(p, o.bio_styles)]),
         }
+        if o.update_attributes:
+            self._build_updates(towns)
+
+    def _build_updates(self, towns: list[str]) -> None:
+        """The forget people's `update_attributes` change (seeded). Training data: "old" (the changing
+        facts' questions with the old answers), "new" (the same questions with the new answers, and
+        the people's biographies with the new values); evaluation: the updates and the facts kept."""
+        o = self.options
+        self._updates = make_updates(self._forget_people, o.update_attributes, towns, self.seed)
+        bios = [ex for p in self._forget_people for ex in entity_examples(updated_entity(p, self._updates), o.bio_styles)
+                if not ex.prompt]
+        self._update_train = {"old": [ex for u in self._updates for ex in u.examples(u.old)],
+                              "new": [ex for u in self._updates for ex in u.examples(u.new)] + bios}
+        # locality: the updated people's other facts first (closest to an edit), then other people's
+        self._kept = [(PERSON_ATTRIBUTES[a].questions[0].format(name=p.name), p.values[a])
+                      for p in self._forget_people for a in PERSON_ATTRIBUTES if a not in o.update_attributes]
+        self._kept += [(it.question, it.answer) for it in self._items["retain"]]
+
+    def updated_facts(self, which: Literal["old", "new"]) -> list[Example]:
+        """Knowledge updates' training data in a seeded order: "old", the facts that change, with their
+        old answers (F-Learning's old knowledge); "new", the updated facts (questions and biographies)."""
+        if not self._updates:
+            raise UndoError("the facts task has no knowledge updates; set task.options.update_attributes "
+                            "(e.g. [birthplace, award]) to change those facts of the forget people")
+        examples = list(self._update_train[which])
+        random.Random(f"{self.seed}-facts-update-{which}").shuffle(examples)
+        return examples
 
     def train_examples(self, domain: Domain) -> list[Example]:
         examples = list(self._train[domain])
         random.Random(f"{self.seed}-facts-{domain}").shuffle(examples)
+        return examples
+
+    def extra_examples(self) -> list[Example]:
+        """Text and questions of as many extra people as the forget set has, none of them in any
+        training set (KGA's D_n, disjoint from the training data), in a seeded order."""
+        o = self.options
+        if o.source != "synthetic":
+            raise UndoError("the facts task has extra (never trained) people only with source: synthetic; "
+                            "TOFU releases none, so use source: synthetic for KGA")
+        examples = [ex for p in extra_people(o, self.seed, forget_count(o)) for ex in entity_examples(p, o.bio_styles)]
+        random.Random(f"{self.seed}-facts-extra-order").shuffle(examples)
         return examples
 
     def eval_items(self, group: str, quick: bool = False) -> list[QAItem]:
@@ -367,6 +473,8 @@ class FactsTask(Task):
 
     def tokenizer_corpus(self) -> list[str]:
         texts = [ex.prompt + ex.completion for domain in ("forget", "retain") for ex in self._train[domain]]
+        if self._updates:  # only then: the tokenizer of a run without updates stays as it was
+            texts += [ex.prompt + ex.completion for ex in self._update_train["new"]]
         for items in self._items.values():
             for it in items:
                 texts += [qa_prompt(it.question), qa_prompt(it.paraphrased_question) if it.paraphrased_question else "",
@@ -387,6 +495,34 @@ class FactsTask(Task):
         metrics["forget_acc"] = metrics["forget/acc"]
         metrics["retain_acc"] = metrics["retain/acc"]
         metrics["model_utility"] = model_utility([metrics[f"{g}/{s}"] for g in UTILITY_GROUPS for s in UTILITY_SCORES])
+        if self._updates:
+            metrics.update(self.update_metrics(model, tokenizer, quick))
+        return metrics
+
+    def update_metrics(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                       quick: bool = False) -> dict[str, float]:
+        """Knowledge editing's numbers (`answer_scores`: exact match, and ROUGE-L as *_rougeL):
+        update/reliability (the updated questions answered with the new value), update/generality
+        (their held-out paraphrases), update/locality (facts that did not change, answered with their
+        values: what the base answers, as its quality gate checks; compare with the base's number);
+        and what is left of the old facts: update/old_acc (still answered with the old value),
+        update/new_prob and update/old_prob (P(answer | question)^(1/|answer|), as TOFU's prob)."""
+        o = self.options
+        limit = o.quick_eval_items if quick else o.eval_items
+        updates, kept = self._updates[:limit], self._kept[:limit]
+        new, old, kept_values = [u.new for u in updates], [u.old for u in updates], [v for _, v in kept]
+        answers = greedy_answers(model, tok, [u.question() for u in updates], new + old, o.max_answer_tokens)
+        paraphrased = greedy_answers(model, tok, [u.paraphrase() for u in updates], new, o.max_answer_tokens)
+        kept_answers = greedy_answers(model, tok, [q for q, _ in kept], kept_values, o.max_answer_tokens)
+        scores = {"reliability": answer_scores(answers, new), "generality": answer_scores(paraphrased, new),
+                  "locality": answer_scores(kept_answers, kept_values)}
+        metrics = {f"update/{name}": s["acc"] for name, s in scores.items()}
+        metrics.update({f"update/{name}_rougeL": s["rougeL"] for name, s in scores.items()})
+        metrics["update/old_acc"] = answer_scores(answers, old)["acc"]
+        pairs = [(qa_prompt(u.question()), qa_completion(v)) for u in updates for v in (u.new, u.old)]
+        probs = [answer_probability(nll) for nll in completion_nlls(model, tok, pairs, o.eval_batch_size)]
+        metrics["update/new_prob"] = sum(probs[0::2]) / len(updates)
+        metrics["update/old_prob"] = sum(probs[1::2]) / len(updates)
         return metrics
 
     def quality_gate(self, metrics: dict[str, float], data: str) -> list[str]:
