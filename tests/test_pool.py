@@ -138,3 +138,21 @@ def test_the_stage_table_puts_the_runs_of_one_attack_on_one_model_on_one_line(tm
     attack_lines = [line for line in lines if "/attack/" in line]
     assert len(attack_lines) == len({n.id.rsplit("/", 1)[0] for n in graph.nodes.values() if n.kind == "attack"})
     assert lines[-1].split() == ["total", f"{1.5 * len(graph.nodes):.1f}"]
+
+
+def _thread_counts() -> list[int]:
+    import threadpoolctl
+
+    return [torch.get_num_threads()] + [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]
+
+
+def test_a_pool_worker_caps_torch_and_numpys_thread_pools_alike():
+    """A worker given one thread must not keep BLAS/OpenMP pools of every core (scikit-learn's
+    probes ran 3-8x slower with two workers on two cores before)."""
+    import multiprocessing
+
+    from undo.engine.executors import _pool_worker_init
+
+    with multiprocessing.get_context("spawn").Pool(1, _pool_worker_init, (1, os.getpid())) as pool:
+        counts = pool.apply(_thread_counts)
+    assert counts and set(counts) == {1}

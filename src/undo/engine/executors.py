@@ -97,6 +97,7 @@ def _worker_graph(config_json: str) -> Graph:
 
 
 def _pool_worker_init(threads: int, parent: int) -> None:
+    import threadpoolctl
     import torch
 
     _die_with_parent(parent)
@@ -104,6 +105,9 @@ def _pool_worker_init(threads: int, parent: int) -> None:
     os.environ["UNDO_PROGRESS"] = "lines"  # several workers' bars would garble the terminal
     quiet_libraries()
     torch.set_num_threads(threads)
+    # numpy's BLAS (scikit-learn's probes) and OpenMP keep a pool of all cores otherwise: two
+    # workers then run 4 threads on 2 cores, and a probe took 3-8x longer than alone.
+    threadpoolctl.threadpool_limits(threads)
 
 
 def _die_with_parent(parent: int) -> None:
