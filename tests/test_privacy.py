@@ -327,16 +327,21 @@ def train_memoriser():
     tok = task_tokenizer(task)
     model = tiny_llama(tok).train()
     rows = pad_batch(tok, task.train_examples("forget") + task.train_examples("retain"), "all", max_len=128)
+    return task, tok, train_on_rows(model, rows, steps=250, seed=0).eval()
+
+
+def train_on_rows(model, rows, steps: int, seed: int):
+    """`steps` AdamW steps (lr 3e-3) on seeded batches of 8 of `rows` (pad_batch's)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(250):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
         idx = torch.randint(rows["input_ids"].shape[0], (8,), generator=g)
         logits = model(input_ids=rows["input_ids"][idx], attention_mask=rows["attention_mask"][idx]).logits
         loss = masked_ce(logits, rows["labels"][idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return task, tok, model.eval()
+    return model
 
 
 def test_a_trained_model_memorises_what_it_saw_and_not_the_unseen(memorised):

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from test_arch import arch_configs
-from test_privacy import BigramLM, memorised, tiny_llama  # noqa: F401 (memorised: a fixture)
+from test_privacy import BigramLM, memorised, tiny_llama, train_on_rows  # noqa: F401 (memorised: a fixture)
 from undo import arch
 from undo.config import from_dict
 from undo.data import aux_examples, pad_batch
@@ -284,16 +284,7 @@ def train_teacher(task, tok, shard, seed: int):
     """A tiny Llama from scratch on one shard of the aux stage's data (as the engine trains a teacher)."""
     model = tiny_llama(tok, seed=seed).train()
     rows = pad_batch(tok, aux_examples(task, "all", shard, 0), "all", max_len=128)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(120):
-        idx = torch.randint(rows["input_ids"].shape[0], (8,), generator=g)
-        logits = model(input_ids=rows["input_ids"][idx], attention_mask=rows["attention_mask"][idx]).logits
-        loss = masked_ce(logits, rows["labels"][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False)
+    return train_on_rows(model, rows, steps=120, seed=seed).eval().requires_grad_(False)
 
 
 def test_loo_moves_the_forget_distribution_toward_the_teachers_that_never_saw_it(memorised):
