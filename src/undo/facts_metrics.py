@@ -161,9 +161,9 @@ def completion_nlls(model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs:
     return [nll[p] for p in pairs]
 
 
-def answer_tokens(tok: PreTrainedTokenizerBase, items: Sequence[QAItem], cap: int) -> int:
+def answer_tokens(tok: PreTrainedTokenizerBase, answers: Sequence[str], cap: int) -> int:
     """New tokens a greedy answer needs: the longest answer's tokens and its EOS, at most `cap`."""
-    return min(cap, 1 + max(len(encode(tok, qa_completion(it.answer))) for it in items))
+    return min(cap, 1 + max(len(encode(tok, qa_completion(a))) for a in answers))
 
 
 def score_qa_set(model: PreTrainedModel, tok: PreTrainedTokenizerBase, items: Sequence[QAItem], forget: bool,
@@ -174,7 +174,7 @@ def score_qa_set(model: PreTrainedModel, tok: PreTrainedTokenizerBase, items: Se
     (real authors, world facts) instead of the plain one (forget, retain)."""
     if not items:
         raise UndoError("an evaluation question set is empty; give the facts task more entities or items")
-    new_tokens = answer_tokens(tok, items, max_new_tokens)
+    new_tokens = answer_tokens(tok, [it.answer for it in items], max_new_tokens)
     answers = greedy_complete(model, tok, [qa_prompt(it.question) for it in items], new_tokens)
     with_para = [it for it in items if it.paraphrased_question]
     para_answers = greedy_complete(model, tok, [qa_prompt(it.paraphrased_question) for it in with_para], new_tokens)
@@ -191,15 +191,14 @@ def score_qa_set(model: PreTrainedModel, tok: PreTrainedTokenizerBase, items: Se
         ratios.append(truth_ratio(para_nll, pert_nlls))
     n = len(items)
     metrics = {
-        "acc": sum(exact_match(a, it.answer) for a, it in zip(answers, items)) / n,
-        "rougeL": sum(rouge_l_recall(a, it.answer) for a, it in zip(answers, items)) / n,
+        **answer_scores(answers, [it.answer for it in items]),
         "prob": sum(probs) / n,
         "truth_ratio": sum(ratios) / n,
         "truth_score": truth_score(ratios, forget),
         "mcq_acc": mcq_accuracy(choice_nlls, [it.correct for it in items]),
     }
     if with_para:
-        metrics["para_acc"] = sum(exact_match(a, it.answer) for a, it in zip(para_answers, with_para)) / len(with_para)
+        metrics["para_acc"] = answer_scores(para_answers, [it.answer for it in with_para])["acc"]
     return metrics, ratios
 
 
@@ -222,5 +221,4 @@ def greedy_answers(model: PreTrainedModel, tok: PreTrainedTokenizerBase, questio
                    answers: Sequence[str], max_new_tokens: int = 64) -> list[str]:
     """The model's greedy answers to `questions` (in the task's QA format), long enough for the
     longest of `answers` and its EOS (at most `max_new_tokens`)."""
-    longest = max(len(encode(tok, qa_completion(a))) for a in answers)
-    return greedy_complete(model, tok, [qa_prompt(q) for q in questions], min(max_new_tokens, longest + 1))
+    return greedy_complete(model, tok, [qa_prompt(q) for q in questions], answer_tokens(tok, answers, max_new_tokens))

@@ -76,7 +76,8 @@ class Task(abc.ABC):
     @classmethod
     def versus_oracle(cls, metrics: dict[str, float], oracle_metrics: dict[str, float]) -> dict[str, float]:
         """A model's metrics that need the oracle's of the same graph seed (MUSE's PrivLeak,
-        TOFU's forget quality), from both `evaluate` dicts; the report adds them. Default: none."""
+        TOFU's forget quality), from both `evaluate` dicts; the report adds them, and leaves them out
+        where this raises an UndoError (e.g. a quick evaluation lacks what they need). Default: none."""
         return {}
 
     def loss_on(self) -> Literal["completion", "all"]:

@@ -382,11 +382,8 @@ class FactsTask(Task):
 
     @classmethod
     def versus_oracle(cls, metrics: dict[str, float], oracle_metrics: dict[str, float]) -> dict[str, float]:
-        """TOFU's forget quality: the KS-test p-value of forget truth ratios, model vs oracle
-        (none where either lacks them, e.g. a run evaluated quickly)."""
-        if not any(k.startswith(TRUTH_RATIO_KEY) for k in metrics) or \
-                not any(k.startswith(TRUTH_RATIO_KEY) for k in oracle_metrics):
-            return {}
+        """TOFU's forget quality: the KS-test p-value of forget truth ratios, model vs oracle (an
+        UndoError where either lacks them, e.g. evaluated quickly: the report leaves the cell empty)."""
         return {"forget_quality": forget_quality(metrics, oracle_metrics)}
 
     def __init__(self, options: FactsOptions, seed: int):
