@@ -17,9 +17,9 @@ from test_methods import BigramLM
 from undo.config import from_dict
 from undo.errors import UndoError
 from undo.experiment import ExperimentConfig, Recipe
-from undo.facts_metrics import (answer_probability, completion_nlls, exact_match, forget_quality,
-                                mcq_accuracy, model_utility, normalised_probability, qa_prompt,
-                                rouge_l_recall, truth_ratio, truth_score)
+from undo.facts_metrics import (FamiliarityProbe, answer_probability, completion_nlls, exact_match,
+                                familiarity_scores, forget_quality, mcq_accuracy, model_utility,
+                                normalised_probability, qa_prompt, rouge_l_recall, truth_ratio, truth_score)
 from undo.methods import build_method, known_methods
 from undo.tasks import build_task, known_tasks, TaskConfig
 from undo.tasks.facts import FactsTask, PERSON_ATTRIBUTES, forget_quality as task_forget_quality
@@ -73,6 +73,32 @@ def test_model_utility_is_the_harmonic_mean_and_mcq_picks_the_lowest_loss():
     assert model_utility([0.5, 0.0, 1.0]) == 0.0
     assert mcq_accuracy([[1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 3.0, 4.0]], [0, 0]) == 0.5
     assert mcq_accuracy([[1.0, 1.0, 3.0, 4.0]], [0]) == 1.0  # first on ties
+
+
+def test_familiarity_counts_completions_that_name_the_value_and_normalises_its_probability():
+    probes = [FamiliarityProbe("A was born in", "Carromere", ("Lindholm", "Belgate")),
+              FamiliarityProbe("B works as a", "poet", ("baker", "sailor"))]
+    completions = [" the city of  carromere, in 1950", " baker."]  # named (case, spaces ignored); not named
+    # NLLs: probe 1 true 1.0 vs 2.0, 2.0; probe 2 true 3.0 vs 1.0, 3.0
+    scores = familiarity_scores(completions, probes, [[1.0, 2.0, 2.0], [3.0, 1.0, 3.0]])
+    p1 = math.exp(-1) / (math.exp(-1) + 2 * math.exp(-2))
+    p2 = math.exp(-3) / (2 * math.exp(-3) + math.exp(-1))
+    assert scores["familiarity"] == 0.5
+    assert scores["familiarity_prob"] == pytest.approx((p1 + p2) / 2)
+    with pytest.raises(UndoError, match="one completion"):
+        familiarity_scores(completions[:1], probes, [[1.0, 2.0, 2.0]] * 2)
+
+
+def test_familiarity_probes_are_held_out_sentence_starts_of_every_person():
+    task = facts_task(**SMALL)
+    trained = " ".join(ex.prompt + ex.completion for d in ("forget", "retain") for ex in task.train_examples(d))
+    forget_names = {p.name for p in task._forget_people}
+    for group, people in (("forget", 2), ("retain", 18)):
+        probes = task._probes[group]
+        assert len(probes) == people * len(PERSON_ATTRIBUTES)
+        assert all((p.prefix.split(" was ")[0].split(" works ")[0].split(" is ")[0].split(" received")[0]
+                    in forget_names) == (group == "forget") for p in probes)
+        assert all(p.prefix not in trained and p.value not in p.wrong_values for p in probes)
 
 
 def TableLM(vocab: int, seed: int):
@@ -332,6 +358,8 @@ def test_the_base_learns_the_facts(base):
     assert metrics["forget/truth_ratio"] < 1.0  # the true answer beats the wrong ones
     assert 0.0 < metrics["model_utility"] <= 1.0
     assert len([k for k in metrics if k.startswith("forget/truth_ratios/")]) == 5  # one person, five questions
+    # the facts carry over to held-out sentence starts: above chance (1 in 4) for the person it knows
+    assert metrics["forget/familiarity_prob"] > 0.25 and metrics["retain/familiarity_prob"] > 0.25
 
 
 def test_llmu_stops_once_the_forget_loss_passes_its_bound(base):

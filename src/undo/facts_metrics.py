@@ -202,6 +202,46 @@ def score_qa_set(model: PreTrainedModel, tok: PreTrainedTokenizerBase, items: Se
     return metrics, ratios
 
 
+# ---------------------------------------------------------------- familiarity (Who's Harry Potter)
+
+@dataclasses.dataclass(frozen=True)
+class FamiliarityProbe:
+    """WHP's completion probe: the start of a held-out sentence about an entity ("Elen Ashwood was
+    born in the city of") that its true value completes; `wrong_values` are the alternatives the
+    token-probability score compares it with."""
+
+    prefix: str
+    value: str
+    wrong_values: tuple[str, ...]
+
+
+def familiarity_scores(completions: Sequence[str], probes: Sequence[FamiliarityProbe],
+                       value_nlls: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Eldan & Russinovich's two evaluations, automated: "familiarity", the share of greedy
+    completions that name the true value (their completion probes, judged by string match instead
+    of GPT-4), and "familiarity_prob", the true value's probability normalised over it and the
+    wrong values (their token-probability probes; chance = 1 / (1 + wrong values)).
+    `value_nlls[i]` = [NLL of the true value, NLL of each wrong value] after probe i's prefix."""
+    if not probes or not len(completions) == len(value_nlls) == len(probes):
+        raise UndoError(f"familiarity needs one completion and one NLL list per probe, got {len(completions)} "
+                        f"and {len(value_nlls)} for {len(probes)} probes")
+    named = [p.value.lower() in " ".join(c.lower().split()) for c, p in zip(completions, probes)]
+    probs = [normalised_probability(nlls[0], nlls[1:]) for nlls in value_nlls]
+    return {"familiarity": sum(named) / len(probes), "familiarity_prob": sum(probs) / len(probes)}
+
+
+def probe_familiarity(model: PreTrainedModel, tok: PreTrainedTokenizerBase, probes: Sequence[FamiliarityProbe],
+                      max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, float]:
+    """`familiarity_scores` of a model: greedy completions of the prefixes, long enough for the
+    longest value (plus two tokens of slack for what precedes it), and each value's NLL."""
+    new_tokens = answer_tokens(tok, [p.value for p in probes], max_new_tokens - 2) + 2
+    completions = greedy_complete(model, tok, [p.prefix for p in probes], new_tokens)
+    pairs = [(p.prefix, qa_completion(v)) for p in probes for v in (p.value, *p.wrong_values)]
+    nlls = iter(completion_nlls(model, tok, pairs, batch_size))
+    value_nlls = [[next(nlls) for _ in range(1 + len(p.wrong_values))] for p in probes]
+    return familiarity_scores(completions, probes, value_nlls)
+
+
 # ---------------------------------------------------------------- knowledge updates (editing)
 
 def answer_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:

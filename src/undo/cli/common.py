@@ -15,7 +15,8 @@ def add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -
                    help="experiment YAML file or preset name (default: arithmetic; see `undo presets`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set pretrain.steps=200 (repeatable)")
-    p.add_argument("--run-dir", default=None, help="where artifacts go (default: runs/<name>)")
+    p.add_argument("--run-dir", "--out", dest="run_dir", default=None,
+                   help="run directory, where artifacts go (default: runs/<experiment name>)")
 
 
 def run_dir_for(args: argparse.Namespace, name: str) -> Path:

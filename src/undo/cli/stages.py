@@ -158,9 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="output name (default: the method's name)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="run a grid, e.g. --sweep lr=1e-4,3e-4 (a training setting or method option; repeatable)")
-    add_config_args(p)
-    p.add_argument("--out", dest="run_dir", default=None,
-                   help="run directory: models go to OUT/unlearn/<name> (default: runs/<experiment name>)")
+    add_config_args(p)  # --out / --run-dir: models go to OUT/unlearn/<name>
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("noise", help="write a noised copy of a checkpoint (UNDO's noise step)")

@@ -20,7 +20,10 @@ Metrics per set (forget, retain, real_authors, world_facts), TOFU's definitions
 (recall), `prob`, `truth_ratio`, `truth_score`, `mcq_acc` (4-way, cloze). Headlines:
 `forget_rougeL` (the forget set's ROUGE-L recall, as TOFU reports it; exact match would read
 0 on TOFU's sentence answers) and `model_utility` (harmonic mean of prob, ROUGE-L and truth
-score on retain, real authors and world facts). Forget quality needs the oracle's
+score on retain, real authors and world facts). Familiarity (WHP's evaluation, synthetic source
+only): `forget/familiarity` and `retain/familiarity`, the share of held-out sentence starts about a
+person ("X was born in the city of") that greedy decoding completes with the true value, and
+`*/familiarity_prob`, the true value's probability against 3 wrong ones. Forget quality needs the oracle's
 numbers too: `evaluate` records each forget question's truth ratio
 (`forget/truth_ratios/NNNN`), and `forget_quality(metrics, oracle_metrics)` compares them.
 """
@@ -38,9 +41,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import expand_path
 from ..corpora import jsonl_records
 from ..errors import UndoError
-from ..facts_metrics import (QAItem, answer_probability, answer_scores, completion_nlls, exact_match,
-                             forget_quality as ks_forget_quality, greedy_answers, model_utility,
-                             qa_completion, qa_prompt, rouge_l_recall, score_qa_set)
+from ..facts_metrics import (FamiliarityProbe, QAItem, answer_probability, answer_scores, completion_nlls,
+                             exact_match, forget_quality as ks_forget_quality, greedy_answers, model_utility,
+                             probe_familiarity, qa_completion, qa_prompt, rouge_l_recall, score_qa_set)
 from ..metrics import greedy_complete
 from ..tokenization import encode
 from .base import Domain, Example, Task
@@ -248,6 +251,21 @@ def synthetic_item(entity: Entity, attribute: str, towns: list[str], sentences: 
                   correct=choices.index(value), entity=entity.name)
 
 
+def familiarity_probes(people: list[Entity], towns: list[str], seed: int, group: str) -> list[FamiliarityProbe]:
+    """One WHP completion probe per person and attribute: the attribute's evaluation sentence
+    (never trained) cut before the value, with N_WRONG seeded wrong values; in a seeded order."""
+    rng = random.Random(f"{seed}-facts-familiarity-{group}")
+    probes = []
+    for person in people:
+        for attribute, spec in PERSON_ATTRIBUTES.items():
+            value = person.values[attribute]
+            wrong = rng.sample([v for v in value_pool(attribute, towns) if v != value], N_WRONG)
+            prefix = spec.sentence.split("{value}")[0].format(name=person.name).rstrip()
+            probes.append(FamiliarityProbe(prefix, value, tuple(wrong)))
+    rng.shuffle(probes)
+    return probes
+
+
 def entity_examples(entity: Entity, bio_styles: int) -> list[Example]:
     """An entity's training text: its biographies (or place texts) and its question/answer pairs."""
     if entity.kind == "person":
@@ -375,7 +393,8 @@ class FactsTask(Task):
     metric_label = "ROUGE-L recall of forget answers; TOFU model utility"
     # TOFU's and open-unlearning's table (forget quality joins from versus_oracle).
     report_metrics = ("forget/acc", "forget_rougeL", "forget/para_acc", "forget/prob", "forget/truth_ratio",
-                      "forget/mcq_acc", "model_utility", "retain/rougeL", "real_authors/rougeL",
+                      "forget/mcq_acc", "forget/familiarity", "forget/familiarity_prob", "model_utility",
+                      "retain/rougeL", "real_authors/rougeL",
                       "world_facts/rougeL",
                       # knowledge updates (rows only in runs with update_attributes)
                       "update/reliability", "update/generality", "update/locality", "update/old_acc")
@@ -392,6 +411,7 @@ class FactsTask(Task):
         if options.source == "tofu":
             self._train, self._items = read_tofu(options, seed)
             self._forget_people: list[Entity] = []
+            self._probes: dict[str, list[FamiliarityProbe]] = {}  # TOFU's authors have no attribute table
         else:
             self._build_synthetic()
 
@@ -414,6 +434,8 @@ class FactsTask(Task):
 
         self._items = {"forget": items_of(self._forget_people, True), "retain": items_of(retain_people, True),
                        "real_authors": items_of(famous, False), "world_facts": items_of(places, False)}
+        self._probes = {"forget": familiarity_probes(self._forget_people, towns, self.seed, "forget"),
+                        "retain": familiarity_probes(retain_people, towns, self.seed, "retain")}
         self._train = {
             "forget": [ex for p in self._forget_people for ex in entity_examples(p, o.bio_styles)],
             "retain": ([ex for p in retain_people for ex in entity_examples(p, o.bio_styles)]
@@ -488,6 +510,10 @@ class FactsTask(Task):
             metrics.update({f"{group}/{k}": v for k, v in scores.items()})
             if group == "forget" and not quick:
                 metrics.update({f"{TRUTH_RATIO_KEY}{i:04d}": r for i, r in enumerate(ratios)})
+        limit = o.quick_eval_items if quick else o.eval_items
+        for group, probes in self._probes.items():
+            familiarity = probe_familiarity(model, tokenizer, probes[:limit], o.max_answer_tokens, o.eval_batch_size)
+            metrics.update({f"{group}/{k}": v for k, v in familiarity.items()})
         metrics["forget_rougeL"] = metrics["forget/rougeL"]
         metrics["forget_acc"] = metrics["forget/acc"]
         metrics["retain_acc"] = metrics["retain/acc"]
