@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from test_engine import TRAIN, micro
-from undo.data import aux_examples, slice_examples
+from undo.data import aux_examples, shard_examples, slice_examples
 from undo.engine.graph import build_graph
 from undo.engine.run import run_experiment
 from undo.ensemble import EnsembleForCausalLM, mean_softmax_logits
@@ -257,3 +257,14 @@ def test_the_unlearn_stage_saves_a_loadable_ensemble_and_records_the_retraining(
     model, _ = load_model(tmp_path / "seed0" / "unlearn" / "sisa" / "model")
     assert isinstance(model, EnsembleForCausalLM) and len(model.members) == 2
     assert result["metrics"]  # the task evaluated the ensemble
+
+
+def test_shards_split_distinct_examples_so_every_copy_of_a_repeated_one_shares_a_shard():
+    canary, other = Example("", "my PIN is 1 2 3 4"), Example("", "my PIN is 9 9 9 9")
+    examples = [canary] * 16 + [other] * 4 + [Example("", f"doc {i}") for i in range(10)]
+    shards = [shard_examples(examples, (i, 4), seed=3) for i in range(4)]
+    assert sorted(map(len, shards)) != [len(examples) // 4] * 4  # copies are not dealt out one by one
+    assert sum(map(len, shards)) == len(examples)  # disjoint and complete, copies included
+    assert [sum(ex == canary for ex in s) for s in shards].count(16) == 1
+    assert [sum(ex == other for ex in s) for s in shards].count(4) == 1
+    assert [len(set(s)) for s in shards] == [3, 3, 3, 3]  # 12 distinct examples, 3 per shard

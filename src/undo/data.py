@@ -122,13 +122,17 @@ def task_rows(tok: PreTrainedTokenizerBase, task, examples: Sequence[Example], s
 
 
 def shard_examples(examples: list, shard: Sequence[int] | None, seed: int) -> list:
-    """The `index`-th of `count` disjoint shards of a seeded shuffle (all examples without a shard)."""
+    """The `index`-th of `count` disjoint shards of a seeded shuffle (all examples without a shard).
+    Shards split the distinct examples: every copy of a repeated one (a canary seen 64 times) lands
+    in the same shard, so deleting it retrains one SISA shard and leaves leave-one-out teachers that
+    never saw it."""
     examples = list(examples)
     random.Random(seed + 5).shuffle(examples)
     if not shard:
         return examples
     index, count = shard
-    return examples[index::count]
+    mine = set(list(dict.fromkeys(examples))[index::count])
+    return [ex for ex in examples if ex in mine]
 
 
 def aux_examples(task, data: Literal["forget", "retain", "all", "old", "extra"], shard: Sequence[int] | None,

@@ -18,7 +18,7 @@ from ..models import count_params, fresh_copy, load_model
 from ..training import TrainConfig, lm_loss, train
 from .base import StageContext, StageOutput
 
-VERSION = 1
+VERSION = 2  # 2: shards split distinct examples (copies stay together)
 
 
 def with_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int) -> torch.nn.Module:

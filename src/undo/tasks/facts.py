@@ -391,6 +391,7 @@ class FactsTask(Task):
     retain_metric = "model_utility"
     higher_is_better = True
     metric_label = "ROUGE-L recall of forget answers; TOFU model utility"
+    version = 2  # 2: familiarity probes
     # TOFU's and open-unlearning's table (forget quality joins from versus_oracle).
     report_metrics = ("forget/acc", "forget_rougeL", "forget/para_acc", "forget/prob", "forget/truth_ratio",
                       "forget/mcq_acc", "forget/familiarity", "forget/familiarity_prob", "model_utility",
