@@ -117,6 +117,15 @@ def test_summary_text_has_a_row_per_model(store):
     assert "worst forget_acc @10" in lines[1] and "worst forget_acc @40" in lines[1]
 
 
+def test_a_run_without_attacks_has_no_worst_case_columns(tmp_path, store):
+    assert "worst forget_acc @10" in summary_text(store, TASK)
+    unattacked = ResultStore(tmp_path / "unattacked.sqlite")
+    unattacked.record_model("base", "base", {"retain_acc": 0.9, "forget_acc": 0.8}, 1e10, 1.0, {})
+    header, body = model_table(summarize(unattacked, TASK))
+    assert not any(h.startswith("worst") for h in header) and len(body[0]) == len(header)
+    assert "@None" not in summary_text(unattacked, TASK)
+
+
 def test_empty_store_still_gives_a_report(tmp_path):
     store = ResultStore(tmp_path / "empty.sqlite")
     index = write_report(tmp_path / "run", store, {**TASK, "oracle_pretrain_flops": None})

@@ -405,33 +405,37 @@ def _recovered_cell(rows: list[ModelRow]) -> str:
     return f"{sum(bool(r.recovered) for r in rows)}/{len(rows)}: {', '.join(cells)}"
 
 
-FIELDS = ("retain_before", "forget_before", "forget_early", "forget_final", "flops", "compute", "distill_compute")
-
-
-def _field_headers(summary: Summary) -> list[str]:
+def _fields(summary: Summary) -> list[tuple[str, str]]:
+    """The model tables' (field, header) columns; the worst-case ones only when an attack ran."""
     forget = summary.task["forget_metric"]
-    return [f"{summary.task['retain_metric']} before", f"{forget} before", f"worst {forget} @{summary.early_step}",
-            f"worst {forget} @{summary.final_step}", "own FLOPs", summary.compute_label, summary.distill_label,
-            "recovered at step"]
+    fields = [("retain_before", f"{summary.task['retain_metric']} before"), ("forget_before", f"{forget} before"),
+              ("forget_early", f"worst {forget} @{summary.early_step}"),
+              ("forget_final", f"worst {forget} @{summary.final_step}"),
+              ("flops", "own FLOPs"), ("compute", summary.compute_label), ("distill_compute", summary.distill_label)]
+    if summary.early_step is None:
+        fields = [f for f in fields if f[0] not in ("forget_early", "forget_final")]
+    return fields
 
 
 def model_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """One row per model over its graph seeds (one seed: its values)."""
     seeds = ["seeds"] if len(summary.seeds) > 1 else []
-    header = ["model", "kind", *seeds, *_field_headers(summary)]
+    fields = _fields(summary)
+    header = ["model", "kind", *seeds, *(h for _, h in fields), "recovered at step"]
     body = []
     for name in summary.names():
         rows = summary.of(name)
         n = [str(len(rows))] if seeds else []
-        body.append([name, rows[0].kind, *n, *(format_spread(summary.spread(name, f)) for f in FIELDS),
+        body.append([name, rows[0].kind, *n, *(format_spread(summary.spread(name, f)) for f, _ in fields),
                      _recovered_cell(rows)])
     return header, body
 
 
 def seed_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """One row per model and graph seed."""
-    header = ["model", "seed", "kind", *_field_headers(summary), "wall s"]
-    body = [[r.name, str(r.seed), r.kind, *(_fmt(getattr(r, f)) for f in FIELDS), _recovered_cell([r]),
+    fields = _fields(summary)
+    header = ["model", "seed", "kind", *(h for _, h in fields), "recovered at step", "wall s"]
+    body = [[r.name, str(r.seed), r.kind, *(_fmt(getattr(r, f)) for f, _ in fields), _recovered_cell([r]),
              _fmt(r.wall_seconds, 1)] for r in summary.rows]
     return header, body
 
