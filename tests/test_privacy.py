@@ -229,11 +229,17 @@ def test_synthetic_corpus_is_seeded_with_spans_on_the_values():
     trained = {ex.completion for d in ("forget", "retain") for ex in a.train_examples(d)}
     assert not trained & {r.text for r in by["unseen"]}
     assert set(STYLES) >= {"bio", "form", "letter", "log", "note"}
+    # document_repeats copies each person's document, not the canaries, and changes nothing else
+    d = privacy_task(0, document_repeats=3)
+    assert [r.text for r in d.records] == [r.text for r in a.records]
+    assert len(d.train_examples("forget")) == 3 * 2 + 1 + 8
 
 
 def test_options_are_validated():
     with pytest.raises(UndoError, match="forget_people"):
         from_dict(PrivacyOptions, {"people": 4, "forget_people": 4})
+    with pytest.raises(UndoError, match="document_repeats"):
+        from_dict(PrivacyOptions, {"document_repeats": 0})
     with pytest.raises(UndoError, match="canary_repeats"):
         from_dict(PrivacyOptions, {"canary_repeats": [0]})
     with pytest.raises(UndoError, match="files"):

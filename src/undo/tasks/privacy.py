@@ -9,7 +9,9 @@ Sources:
 - `synthetic` (default): seeded documents about made-up people (names, birth dates, street
   addresses, phone numbers, e-mail addresses, ID numbers) in five styles (a biography, a
   form, a letter, a support log, a note), `docs_per_person` per person, every value a
-  sensitive span; the forget set is the documents of `forget_people` people. Canaries
+  sensitive span; the forget set is the documents of `forget_people` people, each trained
+  `document_repeats` times (personal data recurs in scraped text; more copies let the documents
+  be memorised while a canary stays rare, so exposure can grow with its count). Canaries
   (Carlini et al. 2019) are one-line secrets, "The PIN of Kel Varo is 4 9 1 7 3 0.", of
   `canary_digits` random digits, trained `canary_repeats` times each (per repetition count,
   `canaries_per_repeat` forget and as many retain canaries; `unseen_canaries` never trained).
@@ -83,6 +85,10 @@ class PrivacyOptions:
     unseen_people: int = 16
     docs_per_person: int = 2          # each in a different style (at most 5)
     canary_repeats: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16, 64])
+    # Training copies of each person's document (personal data recurs in scraped text): with more
+    # copies the documents are memorised in fewer steps while a once-seen canary stays rare, so
+    # exposure can grow with the canary's repetition count instead of saturating at every count.
+    document_repeats: int = 1
     canaries_per_repeat: int = 1      # forget canaries per repetition count (and as many retain ones)
     unseen_canaries: int = 4
     canary_digits: int = 6            # |R| = 10^digits candidate secrets
@@ -103,7 +109,7 @@ class PrivacyOptions:
     row_format: Literal["padded"] = "padded"  # one sequence per row: memorised from its start, as evaluated
 
     def validate(self, where: str) -> None:
-        for name in ("people", "docs_per_person", "canary_digits", "exposure_exact_max", "exposure_samples",
+        for name in ("people", "docs_per_person", "document_repeats", "canary_digits", "exposure_exact_max", "exposure_samples",
                      "eval_documents", "quick_eval_documents", "eval_batch_size", "max_chars"):
             if getattr(self, name) < 1:
                 raise UndoError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
@@ -221,7 +227,7 @@ def synthetic_records(o: PrivacyOptions, seed: int) -> list[Record]:
         split = "unseen" if i >= o.people else "forget" if i in forget else "retain"
         for style in rng.sample(sorted(STYLES), o.docs_per_person):
             text, spans = fill(STYLES[style], person)
-            records.append(Record(text, split, spans, owner=name))
+            records.append(Record(text, split, spans, repeat=o.document_repeats, owner=name))
     canary_names = iter(names[o.people + o.unseen_people:])
     for repeat in o.canary_repeats:
         for split in ("forget", "retain"):
