@@ -179,6 +179,9 @@ def test_cli_methods_lists_every_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in known_methods())
+    # what each method needs, and a long list of auxiliary models shortened to its count and ends
+    assert "update; trains old_facts" in out and "extra, forget, reference, retain" in out
+    assert "trains 16 models sisa_s0_r0..sisa_s3_r3" in out and "sisa_s1_r2" not in out
 
 
 def test_cli_unlearn_sweep_writes_each_run_and_picks_a_teacher(base, tmp_path, capsys):

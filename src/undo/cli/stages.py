@@ -18,11 +18,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     print(f"{'method':16s} {'needs':34s} defaults")
     for name in known_methods():
         method = build_method(name)
-        needs = ", ".join(n for n in ("forget", "retain", "idk", "spans", "reference", "teacher")
-                          if n in method.needs())
-        aux = ", ".join(method.aux_models())
-        if aux:
-            needs += f"; trains {aux}"
+        needs = ", ".join(sorted(method.needs()))
+        aux = list(method.aux_models())
+        if aux:  # SISA's shards x slices would fill the line: the count and the first and last
+            needs += f"; trains {', '.join(aux)}" if len(aux) <= 4 else f"; trains {len(aux)} models {aux[0]}..{aux[-1]}"
         options = ", ".join(f"{k}={short(v)}" for k, v in to_dict(method.options).items() if v not in (None, {}))
         train = ", ".join(f"{k}={short(method.train_defaults[k])}" for k in ("steps", "lr") if k in method.train_defaults)
         per_task = "; ".join(f"{task}: " + ", ".join(f"{k}={short(v)}" for k, v in d.items())
