@@ -363,7 +363,8 @@ def test_eval_takes_a_stage_directory(tiny_dir, tmp_path, capsys):
     assert by_stage == json.loads(capsys.readouterr().out)  # alpha 0: the same weights
 
 
-@pytest.mark.parametrize("preset", ["arithmetic-attacks", "language-attacks", "privacy", "facts", "facts-update"])
+@pytest.mark.parametrize("preset", ["arithmetic-attacks", "language-attacks", "privacy", "facts", "facts-update", "facts-robust",
+                                    "bias-quick", "bias", "toxicity-quick", "toxicity", "fair-quick", "fair"])
 def test_every_attack_and_method_preset_builds_its_graph(preset):
     """The presets name only registered methods and attacks with valid options, and every
     method and attack of the file gets its stages."""

@@ -291,8 +291,9 @@ def test_every_registered_method_builds_with_defaults():
     for name in known_methods():
         method = build_method(name)
         assert method.name == name and method.description
-        # every method learns from some data: the forget set, or (knowledge editing) the updated facts
-        assert method.needs() <= set(NEEDS) and method.needs() & {"forget", "update"}
+        # every method learns from some data: the forget set, (knowledge editing) the updated facts,
+        # or (Quark) its own samples of the task's prompts
+        assert method.needs() <= set(NEEDS) and method.needs() & {"forget", "update", "prompts"}
         assert method.row_format in ("packed", "padded")
 
 

@@ -76,6 +76,13 @@ def mlp_down(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return _get(decoder_layers(model)[layer], spec(model).mlp_down)  # type: ignore[return-value]
 
 
+def mlp(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The MLP block of decoder layer `layer` (the module holding the down projection): its
+    output is the MLP's write to the residual stream (Gemma-2/3 scale it by a post-norm after)."""
+    check_layer(model, layer, "mlp")
+    return _get(decoder_layers(model)[layer], spec(model).mlp_down.rsplit(".", 1)[0])  # type: ignore[return-value]
+
+
 def check_layer(model: torch.nn.Module, layer: int, what: str) -> None:
     n = num_layers(model)
     if not 0 <= layer < n:

@@ -5,10 +5,10 @@ of hyperparameters (reference defaults; `task_defaults[task]` overrides them whe
 paper used other values for a task), `train_defaults` (TrainConfig fields: steps, lr,
 ...; `Method` holds the common ones, a method states only what differs), what it
 `needs()` (a subset of NEEDS), and `loss(model, batches)`; optionally `start` /
-`finish` to look at or edit the weights around training. The unlearn
-stage (stage.py) does everything else: it loads frozen models only when `needs()` names
-them and hands them over with `attach`, builds the data streams, and runs the one
-training loop with `loss` as its loss function.
+`finish` to look at or edit the weights around training, `locate` to choose what trains
+from the data. The unlearn stage (stage.py) does everything else: it loads frozen models
+only when `needs()` names them and hands them over with `attach`, builds the data streams,
+and runs the one training loop with `loss` as its loss function.
 
 Batches are {"forget": batch, "retain": batch, "idk": batch}, each a dict of
 input_ids / attention_mask / labels (labels = -100 where no loss falls), packed (many
@@ -63,8 +63,10 @@ class AuxModel:
 
 
 # spans: forget rows + a sensitive-token mask; update: the task's updated facts (knowledge editing);
-# extra: the task's data disjoint from all training data (KGA's D_n)
-NEEDS = ("forget", "retain", "reference", "teacher", "idk", "spans", "update", "extra")
+# extra: the task's data disjoint from all training data (KGA's D_n);
+# contrast: each forget example's contrast (the same sentence with the other group: PCGU), row for row;
+# prompts: the task's prompts and reward, from which the method samples its own data (Quark's `own_streams`)
+NEEDS = ("forget", "retain", "reference", "teacher", "idk", "spans", "update", "extra", "contrast", "prompts")
 RowFormat = Literal["packed", "padded"]
 RetainLoss = Literal["nll", "kl"]
 
@@ -86,11 +88,18 @@ _REGISTRY = Registry("method", "undo methods", {
     "selective_forgetting": "undo.methods.selective_forgetting:SelectiveForgetting",
     "llmu": "undo.methods.llmu:LLMU",
     "sisa": "undo.methods.sisa:SISA",
+    "fairsisa": "undo.methods.fairsisa:FairSISA",
     "whp": "undo.methods.whp:WHP",
     "kga": "undo.methods.kga:KGA",
     "depn": "undo.methods.depn:DEPN",
     "loo_ensemble": "undo.methods.loo_ensemble:LOOEnsemble",
     "f_learning": "undo.methods.f_learning:FLearning",
+    "adv_ga": "undo.methods.adv_ga:AdvGA",
+    "adv_npo": "undo.methods.adv_npo:AdvNPO",
+    "mechanistic": "undo.methods.mechanistic:Mechanistic",
+    "pcgu": "undo.methods.pcgu:PCGU",
+    "eul": "undo.methods.eul:EUL",
+    "quark": "undo.methods.quark:Quark",
 })
 
 
@@ -149,6 +158,17 @@ class Method(abc.ABC):
         """Before the data streams are built: the task and tokenizer, for a method that must relate
         forget rows to the task's examples (leave-one-out: which shard model saw each). Default: nothing."""
 
+    def own_streams(self, cfg: Any, seed: int) -> dict:
+        """Data streams the method builds itself, beside those `needs()` names, by name: anything with
+        `batch(step)` giving the step's global batch (Quark: a pool it fills by sampling from the model
+        as it trains, handed over in `start`). After `bind_task`. Default: none."""
+        return {}
+
+    def locate(self, model: torch.nn.Module, streams: dict) -> None:
+        """Before `trainable_parameters`, on the starting model (gradients on) and the run's data
+        streams: find what to train (mechanistic unlearning localises the components it trains).
+        Default: nothing."""
+
     def adapt(self, model: PreTrainedModel) -> torch.nn.Module:
         """The module to train: the model itself, or the model with added modules (peft
         adapters) whose parameters `trainable_parameters` returns."""
@@ -161,7 +181,7 @@ class Method(abc.ABC):
     def report(self) -> dict[str, Any]:
         """After `export`: what the method adds to the stage's result.json ("method_report"); its
         "flops", "tokens" and "steps" (work outside the stage's loop, e.g. SISA's shard retraining)
-        are added to the stage's own. Default: nothing."""
+        are added to the stage's own, and its "metrics" to the model's (SISA's deletion_cost). Default: nothing."""
         return {}
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -129,7 +129,7 @@ class SISA(Method):
         self.bound = (task, tokenizer)
 
     def loss(self, model, batches) -> LossOutput:
-        raise UndoError("method 'sisa' retrains its shard models itself (options.slice_train); "
+        raise UndoError(f"method '{self.name}' retrains its shard models itself (options.slice_train); "
                         "leave the recipe's train.steps at 0")
 
     def export(self, model) -> EnsembleForCausalLM:
@@ -210,4 +210,5 @@ class SISA(Method):
                 "retrain": cost.as_dict(), "full_retrain": full.as_dict(), "retrain_fraction": ratio}
         if before is not None:
             sisa["metrics_before_deletion"] = before
-        return {"flops": cost.flops, "tokens": cost.tokens, "steps": cost.steps, "wall_seconds": seconds, "sisa": sisa}
+        return {"flops": cost.flops, "tokens": cost.tokens, "steps": cost.steps, "wall_seconds": seconds, "sisa": sisa,
+                "metrics": {"deletion_cost": ratio["flops"]}}

@@ -57,7 +57,8 @@ def build_streams(task: Task, tok: PreTrainedTokenizerBase, method: Method, cfg:
     ~25% of a batch of packed text rows; now 3-6%). The idk stream has the forget stream's rows
     count, seed and bucket order, so row i of every idk batch answers row i of the forget batch.
     "update" (knowledge editing, F-Learning): the task's updated facts, `task.updated_facts("new")`;
-    a method that needs only them (no "forget") gets no forget stream."""
+    a method that needs only them (no "forget") gets no forget stream. "contrast" (PCGU): the task's
+    `contrast_examples` of the forget examples, aligned row for row as the idk stream is."""
     needs = method.needs()
     forget = task.train_examples("forget")
     if "spans" in needs and not hasattr(task, "span_rows"):
@@ -86,6 +87,13 @@ def build_streams(task: Task, tok: PreTrainedTokenizerBase, method: Method, cfg:
     if "extra" in needs:  # KGA's D_n: the task's data disjoint from all training data
         extra = make_rows(tok, task, extra_examples(task), method, cfg)
         streams["extra"] = BatchStream(extra, cfg.batch_size, seed + 3, bucket=True)
+    if "contrast" in needs:  # PCGU: row i of every contrast batch is row i of the forget batch with the other group
+        if not hasattr(task, "contrast_examples") or method.row_format != "padded":
+            raise UndoError(f"method '{method.name}' needs each forget example's contrast, which task '{task.name}' "
+                            f"does not give (or rows are not padded); use task bias")
+        contrast = make_rows(tok, task, task.contrast_examples(forget), method, cfg)
+        streams["contrast"] = BatchStream(contrast, cfg.batch_size, seed, bucket=True, lengths=streams["forget"].lengths)
+    streams.update(method.own_streams(cfg, seed))  # e.g. Quark's pool of sampled responses
     return streams
 
 
@@ -130,12 +138,13 @@ def run(ctx: StageContext) -> StageOutput:
     loaded = attach_frozen(method, ctx, acc.device)
     method.prepare(model)
     model = method.adapt(model)
+    method.bind_task(task, tok)
+    streams = build_streams(task, tok, method, cfg, exp.seed)
+    method.locate(model, streams)  # e.g. mechanistic unlearning: which components train
     params = method.trainable_parameters(model)
     chosen = {id(p) for p in params}
     for q in model.parameters():  # frozen parts get no gradients at all (faster, and DDP-safe)
         q.requires_grad_(id(q) in chosen)
-    method.bind_task(task, tok)
-    streams = build_streams(task, tok, method, cfg, exp.seed)
     t0 = time.time()
     before = metrics_before(source, exp, task, model, tok)
     eval_seconds = time.time() - t0
@@ -150,7 +159,7 @@ def run(ctx: StageContext) -> StageOutput:
     model = method.export(acc.unwrap_model(model))
     report = method.report()  # work the method did outside the loop (SISA's shard retraining) counts too
     t1 = time.time()
-    after = task.evaluate(model, tok)
+    after = {**task.evaluate(model, tok), **report.get("metrics", {})}  # + what only the method knows (SISA's cost)
     eval_seconds += time.time() - t1
     (f0, r0), (f1, r1) = headline(task, before), headline(task, after)
     ctx.say(f"unlearn {name}: {task.forget_metric} {f0:.3f} -> {f1:.3f}, {task.retain_metric} {r0:.3f} -> {r1:.3f} "

@@ -16,6 +16,9 @@ _REGISTRY = Registry("task", "undo tasks", {
     "wmdp": "undo.tasks.wmdp:WMDPTask",
     "privacy": "undo.tasks.privacy:PrivacyTask",
     "facts": "undo.tasks.facts:FactsTask",
+    "toxicity": "undo.tasks.toxicity:ToxicityTask",
+    "fair_classification": "undo.tasks.fair_classification:FairClassificationTask",
+    "bias": "undo.tasks.bias:BiasTask",
 })
 
 
