@@ -65,6 +65,9 @@ def test_help_and_presets_run():
     assert out.returncode == 0 and "run" in out.stdout and "unlearn" in out.stdout
     out = run_cli("presets")
     assert out.returncode == 0 and "arithmetic" in out.stdout and "tiny" in out.stdout
+    # each preset with the first sentence of its header comment ("et al. 2023" does not end it)
+    assert "quick               The arithmetic pipeline at toy scale: every stage runs" in out.stdout
+    assert "FairSISA (Kadhe et al. 2023) over 3 seeds" in out.stdout
 
 
 def test_noise_command_writes_a_loadable_checkpoint(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -274,6 +275,14 @@ PRESET_PACKAGE = "undo.experiments"
 
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_summary(name: str, width: int = 100) -> str:
+    """The first sentence of a preset's header comment (cut to `width` characters), for `undo presets`."""
+    lines = (resources.files(PRESET_PACKAGE) / f"{name}.yaml").read_text().splitlines()
+    header = " ".join(line[1:].strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
+    sentence = re.split(r"(?<!\bal)\.\s", header)[0].rstrip(".")  # "et al. 2022" does not end it
+    return sentence if len(sentence) <= width else sentence[:width - 3].rstrip() + "..."
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -174,12 +174,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from ..experiment import preset_names
+    from ..experiment import preset_names, preset_summary
     from ..models import PRESETS
 
     print("experiment presets (undo run NAME):")
     for name in preset_names():
-        print(f"  {name}")
+        print(f"  {name:19s} {preset_summary(name)}")
     print("model presets (model.preset):")
     for name, (arch, _, about) in PRESETS.items():
         print(f"  {name:14s} {arch:8s} {about}")
