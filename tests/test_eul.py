@@ -5,16 +5,14 @@ small world of fictitious people (test_facts' RAW): forget answers fall, retain 
 and with two deletion requests the fused model is a plain HF model."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from test_facts import RAW, log_softmax
-from undo.config import from_dict
+from test_facts import log_softmax
+from test_facts_methods import world  # noqa: F401  (the pretrained tiny world fixture)
 from undo.data import IGNORE, BatchStream
 from undo.errors import UndoError
-from undo.experiment import ExperimentConfig
 from undo.facts_metrics import completion_nlls
 from undo.methods import build_method
 from undo.methods.eul import (EULOptions, PhaseStream, adapter_input_grams, adapter_map, adapted_layers,
@@ -95,20 +93,6 @@ def test_fusion_of_requests_on_disjoint_inputs_keeps_each_map_on_its_own_data():
 
 
 # ---------------------------------------------------------------- adapters: peft checkpoints, merged, fused
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny model pretrained on a small world (4 people, 1 forgotten), its task and tokenizer."""
-    from undo.engine.single import pretrain
-    from undo.tasks import build_task
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    exp = from_dict(ExperimentConfig, RAW)
-    art = pretrain(exp, tmp_path_factory.mktemp("eul"), "base")
-    yield SimpleNamespace(exp=exp, dir=art.model_dir, task=build_task(exp.task, exp.seed))
-    torch.set_num_threads(before)
-
 
 def with_random_adapters(model, requests: int, seed: int):
     """`model` with unlearning layers whose B matrices are random (fresh ones compute nothing)."""
